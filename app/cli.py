@@ -1,0 +1,51 @@
+"""The ``hyperct`` command line (typer).
+
+Every sub-command lives in ``app.commands.<name>`` and imports its heavy dependencies
+(torch, monai, holoscan, onnxruntime) inside the function body, so ``hyperct --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from app import RESEARCH_USE_STATEMENT, __version__
+from app.commands import synth as synth_cmd
+
+cli = typer.Typer(
+    name="hyperct",
+    help=(
+        "HyperCT Node: run the HyperCT multi-task chest CT model on DICOM studies and return "
+        f"DICOM SR + SEG results. {RESEARCH_USE_STATEMENT}"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"hyperct-node {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """HyperCT Node command line."""
+
+
+cli.command("synth", help=synth_cmd.HELP)(synth_cmd.synth)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``hyperct`` CLI, one module each; heavy imports stay inside the commands."""

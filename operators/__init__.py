@@ -1,0 +1,2 @@
+"""MONAI Deploy operators of HyperCT Node, one per module, plus the numpy-only pieces they wrap
+(volume geometry, shared preprocessing) that ``training`` imports too. No torch here."""
