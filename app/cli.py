@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from app import RESEARCH_USE_STATEMENT, __version__
+from app.commands import labels as labels_cmd
 from app.commands import synth as synth_cmd
 
 cli = typer.Typer(
@@ -40,6 +41,7 @@ def _root(
 
 
 cli.command("synth", help=synth_cmd.HELP)(synth_cmd.synth)
+cli.add_typer(labels_cmd.labels_app, name="labels", help=labels_cmd.HELP)
 
 
 def main() -> None:
