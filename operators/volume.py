@@ -1,0 +1,528 @@
+"""A CT volume in Hounsfield units with its exact patient geometry, and the readers that make one.
+
+Everything downstream (preprocessing, the SEG writer putting maps back on the source) needs one
+unambiguous statement of where each voxel is in the patient, so this module fixes it:
+
+* ``Volume.hu`` is indexed ``[k, j, i]`` = (slice, row, column), like a stack of DICOM frames.
+* ``Volume.affine`` maps the homogeneous *index* ``(i, j, k, 1)`` (column, row, slice: the DICOM /
+  ITK order, note the reversal against the array order) to DICOM patient **LPS** millimetres
+  (+x toward the patient's Left, +y Posterior, +z Superior/head).
+
+The DICOM reader refuses, with a typed error naming the problem, every series whose geometry cannot be
+described by one such affine (gantry tilt, missing or duplicated slices, mixed orientations, ...):
+resampling silently across those would put findings in the wrong place. numpy + pydicom only;
+nibabel is imported lazily for NIfTI (a training-only dependency).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DuplicateSliceError",
+    "EmptySeriesError",
+    "GantryTiltError",
+    "InconsistentGeometryError",
+    "InconsistentOrientationError",
+    "IrregularSpacingError",
+    "MissingTagError",
+    "MixedSeriesError",
+    "MultiFrameNotSupportedError",
+    "ObliqueVolumeError",
+    "UnsupportedImageError",
+    "Volume",
+    "VolumeError",
+    "load_dicom_series",
+    "load_nifti",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: one base class so callers (series selection, the loader operator) can catch "this series
+# cannot be made into a volume" and record why, while tests and logs see the precise reason.
+# --------------------------------------------------------------------------------------------------
+
+
+class VolumeError(ValueError):
+    """A series or file cannot be turned into a geometrically exact :class:`Volume`."""
+
+
+class EmptySeriesError(VolumeError):
+    """No images were given."""
+
+
+class MissingTagError(VolumeError):
+    """Required attributes are absent; ``tags`` lists their keywords."""
+
+    def __init__(self, message: str, tags: Sequence[str]) -> None:
+        super().__init__(message)
+        self.tags = tuple(tags)
+
+
+class UnsupportedImageError(VolumeError):
+    """The object is not a single-frame greyscale image this reader handles."""
+
+
+class MultiFrameNotSupportedError(UnsupportedImageError):
+    """Multi-frame objects (Enhanced CT, Legacy Converted Enhanced CT) are refused for now."""
+
+
+class MixedSeriesError(VolumeError):
+    """Instances from more than one series or frame of reference were mixed."""
+
+
+class InconsistentGeometryError(VolumeError):
+    """Rows/Columns, PixelSpacing or in-plane slice positions differ between slices."""
+
+
+class InconsistentOrientationError(VolumeError):
+    """Slices do not share one ImageOrientationPatient."""
+
+
+class GantryTiltError(VolumeError):
+    """Slice positions do not progress along the slice normal (tilted gantry acquisition)."""
+
+
+class IrregularSpacingError(VolumeError):
+    """Slice steps are not constant: missing slices or mixed spacings."""
+
+
+class DuplicateSliceError(VolumeError):
+    """Two different instances occupy the same slice position."""
+
+
+class ObliqueVolumeError(VolumeError):
+    """The volume axes are too far from the patient axes to reorient by axis permutation."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Volume
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """HU voxels ``[k, j, i]`` plus the affine from index ``(i, j, k, 1)`` to LPS mm.
+
+    The source identity fields let later writers (SEG, SR) reference exactly the images a result was
+    computed from; they are ``None`` for NIfTI input.
+    """
+
+    hu: np.ndarray
+    affine: np.ndarray
+    sop_instance_uids: tuple[str, ...] | None = None
+    series_instance_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    study_instance_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3 or min(self.hu.shape) < 1:
+            raise VolumeError(f"hu must be a non-empty 3-D array [k, j, i], got shape {self.hu.shape}")
+        if self.hu.dtype not in (np.float32, np.int16):
+            raise VolumeError(f"hu must be float32 or int16, got {self.hu.dtype}")
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise VolumeError("affine must be a finite 4x4 matrix")
+        if not np.allclose(affine[3], [0.0, 0.0, 0.0, 1.0]):
+            raise VolumeError(f"affine last row must be [0, 0, 0, 1], got {affine[3].tolist()}")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise VolumeError("affine is singular")
+        object.__setattr__(self, "affine", affine)
+        if self.sop_instance_uids is not None and len(self.sop_instance_uids) != self.hu.shape[0]:
+            raise VolumeError(
+                f"{len(self.sop_instance_uids)} SOP Instance UIDs for {self.hu.shape[0]} slices"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape ``(k, j, i)`` = (slices, rows, columns)."""
+        k, j, i = self.hu.shape
+        return (k, j, i)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along ``(i, j, k)`` (column step, row step, slice step): affine order."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3x3 matrix whose columns are the unit LPS directions of increasing i, j and k."""
+        return self.affine[:3, :3] / self.spacing
+
+    def index_to_lps(self, ijk: Any) -> np.ndarray:
+        """Map (continuous) indices ``[..., 3]`` in ``(i, j, k)`` order to LPS mm ``[..., 3]``."""
+        p = np.asarray(ijk, dtype=np.float64)
+        return p @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def lps_to_index(self, lps: Any) -> np.ndarray:
+        """Map LPS mm ``[..., 3]`` to continuous indices ``[..., 3]`` in ``(i, j, k)`` order."""
+        p = np.asarray(lps, dtype=np.float64)
+        return (p - self.affine[:3, 3]) @ np.linalg.inv(self.affine[:3, :3]).T
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------
+
+_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_MULTIFRAME_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
+}
+_REQUIRED = (
+    "SOPInstanceUID",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "RescaleSlope",
+    "RescaleIntercept",
+)
+
+
+@dataclass(frozen=True)
+class _SliceHeader:
+    index: int  # position in the caller's input
+    ds: Dataset | None  # the dataset when given in memory (or already read), else None
+    path: str | None
+    sop_uid: str
+    series_uid: str | None
+    study_uid: str | None
+    for_uid: str | None
+    rows: int
+    cols: int
+    pixel_spacing: tuple[float, float]  # (between rows, between columns)
+    iop: np.ndarray  # 6
+    ipp: np.ndarray  # 3
+    slope: float
+    intercept: float
+    gantry_tilt: float | None
+
+
+def _is_empty(value: object) -> bool:
+    if value is None or isinstance(value, str):
+        return not value
+    try:
+        return len(value) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
+def _describe(source: str | None, index: int) -> str:
+    return source if source is not None else f"dataset #{index}"
+
+
+def _read_header(index: int, item: str | os.PathLike[str] | Dataset) -> _SliceHeader:
+    if isinstance(item, Dataset):
+        ds, path = item, None
+    else:
+        path = os.fspath(item)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    where = _describe(path, index)
+
+    sop_class = str(ds.get("SOPClassUID", ""))
+    frames = ds.get("NumberOfFrames")
+    if sop_class in _MULTIFRAME_SOP_CLASSES:
+        raise MultiFrameNotSupportedError(
+            f"{where}: {_MULTIFRAME_SOP_CLASSES[sop_class]} ({sop_class}) is a multi-frame object; "
+            "only single-frame series (e.g. CT Image Storage) are supported for now"
+        )
+    if frames is not None and int(frames) > 1:
+        raise MultiFrameNotSupportedError(
+            f"{where}: multi-frame object with NumberOfFrames={int(frames)} (SOP class {sop_class or 'absent'}); "
+            "only single-frame series are supported for now"
+        )
+    missing = [kw for kw in _REQUIRED if _is_empty(ds.get(kw))]
+    if missing:
+        raise MissingTagError(f"{where}: missing required attribute(s) {', '.join(missing)}", missing)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedImageError(
+            f"{where}: not a greyscale image (SamplesPerPixel {samples}, PhotometricInterpretation {photometric})"
+        )
+    try:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        ps = [float(v) for v in ds.PixelSpacing]
+    except (TypeError, ValueError) as exc:
+        raise InconsistentGeometryError(f"{where}: unreadable geometry attribute ({exc})") from exc
+    if iop.shape != (6,) or ipp.shape != (3,) or len(ps) != 2:
+        raise InconsistentGeometryError(
+            f"{where}: ImageOrientationPatient needs 6 values, ImagePositionPatient 3, PixelSpacing 2"
+        )
+    if min(ps) <= 0 or not np.all(np.isfinite(iop)) or not np.all(np.isfinite(ipp)):
+        raise InconsistentGeometryError(
+            f"{where}: non-positive PixelSpacing or non-finite position/orientation"
+        )
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise InconsistentOrientationError(
+            f"{where}: ImageOrientationPatient {iop.tolist()} is not two orthogonal unit vectors"
+        )
+    tilt = ds.get("GantryDetectorTilt")
+    return _SliceHeader(
+        index=index,
+        ds=ds if path is None else None,
+        path=path,
+        sop_uid=str(ds.SOPInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID) if ds.get("SeriesInstanceUID") else None,
+        study_uid=str(ds.StudyInstanceUID) if ds.get("StudyInstanceUID") else None,
+        for_uid=str(ds.FrameOfReferenceUID) if ds.get("FrameOfReferenceUID") else None,
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        pixel_spacing=(ps[0], ps[1]),
+        iop=iop,
+        ipp=ipp,
+        slope=float(ds.RescaleSlope),
+        intercept=float(ds.RescaleIntercept),
+        gantry_tilt=float(tilt) if tilt not in (None, "") else None,
+    )
+
+
+def _dataset(h: _SliceHeader, stop_before_pixels: bool = False) -> Dataset:
+    if h.ds is not None:
+        return h.ds
+    assert h.path is not None
+    return pydicom.dcmread(h.path, stop_before_pixels=stop_before_pixels)
+
+
+def _check_same(headers: Sequence[_SliceHeader], attr: str, label: str, error: type[VolumeError]) -> None:
+    values = {getattr(h, attr) for h in headers}
+    if len(values) > 1:
+        counts = {v: sum(getattr(h, attr) == v for h in headers) for v in values}
+        listing = "; ".join(f"{v!s} ({n} slices)" for v, n in sorted(counts.items(), key=lambda t: -t[1]))
+        raise error(f"mixed {label} in one series: {listing}")
+
+
+def _dedupe(headers: list[_SliceHeader]) -> list[_SliceHeader]:
+    """Drop exact re-sends of one SOP instance (same UID, same position), which a PACS may do."""
+    seen: dict[str, _SliceHeader] = {}
+    out = []
+    for h in headers:
+        prior = seen.get(h.sop_uid)
+        if prior is None:
+            seen[h.sop_uid] = h
+            out.append(h)
+        elif np.allclose(prior.ipp, h.ipp, atol=1e-4):
+            logger.warning("SOP Instance %s given twice; using it once", h.sop_uid)
+        else:
+            raise DuplicateSliceError(
+                f"SOP Instance UID {h.sop_uid} appears at two positions {prior.ipp.tolist()} and {h.ipp.tolist()}"
+            )
+    return out
+
+
+def load_dicom_series(
+    items: Iterable[str | os.PathLike[str] | Dataset],
+    *,
+    orientation_tolerance: float = 1e-3,
+    spacing_tolerance: float = 0.1,
+    max_drift_px: float = 0.5,
+) -> Volume:
+    """Read one single-frame DICOM series (file paths or pydicom datasets) into a :class:`Volume`.
+
+    Slices are ordered by the projection of ImagePositionPatient on the slice normal (row cosine x
+    column cosine), never by InstanceNumber, so the k axis always points along the normal. HU are
+    ``stored * RescaleSlope + RescaleIntercept`` per slice, in float32 (exact for CT integers).
+
+    Args:
+        items: paths or datasets of one series, in any order.
+        orientation_tolerance: largest allowed difference of any ImageOrientationPatient component.
+        spacing_tolerance: largest allowed deviation of any slice step from the median step,
+            relative to it (0.1 tolerates rounded positions, never a missing slice).
+        max_drift_px: largest in-plane displacement of slice positions off the normal line, in
+            pixels, before the series counts as gantry-tilted (or its positions as inconsistent).
+
+    Raises:
+        VolumeError: a subclass naming what is wrong (see the module's error classes).
+    """
+    headers = [_read_header(n, item) for n, item in enumerate(items)]
+    if not headers:
+        raise EmptySeriesError("no DICOM instances given")
+    headers = _dedupe(headers)
+    _check_same(headers, "series_uid", "SeriesInstanceUID", MixedSeriesError)
+    _check_same(headers, "for_uid", "FrameOfReferenceUID", MixedSeriesError)
+    shapes = {(h.rows, h.cols) for h in headers}
+    if len(shapes) > 1:
+        listing = ", ".join(f"{r}x{c}" for r, c in sorted(shapes))
+        raise InconsistentGeometryError(f"mixed Rows x Columns in one series: {listing}")
+    spacings = np.array([h.pixel_spacing for h in headers])
+    if np.ptp(spacings, axis=0).max() > 1e-4 * spacings.max():
+        raise InconsistentGeometryError(
+            f"mixed PixelSpacing in one series: {sorted({tuple(s) for s in spacings.tolist()})}"
+        )
+    iops = np.stack([h.iop for h in headers])
+    deviation = np.abs(iops - iops[0]).max(axis=1)
+    if deviation.max() > orientation_tolerance:
+        bad = headers[int(np.argmax(deviation))]
+        raise InconsistentOrientationError(
+            f"mixed ImageOrientationPatient in one series: {headers[0].iop.round(4).tolist()} "
+            f"({_describe(headers[0].path, headers[0].index)}) vs {bad.iop.round(4).tolist()} "
+            f"({_describe(bad.path, bad.index)})"
+        )
+
+    iop = iops.mean(axis=0)
+    row_dir = iop[:3] / np.linalg.norm(iop[:3])  # direction of increasing column index i
+    col_dir = iop[3:] - (iop[3:] @ row_dir) * row_dir
+    col_dir /= np.linalg.norm(col_dir)  # direction of increasing row index j
+    normal = np.cross(row_dir, col_dir)
+    dist = np.array([h.ipp @ normal for h in headers])
+    order = np.argsort(dist, kind="stable")
+    headers = [headers[n] for n in order]
+    dist = dist[order]
+    ipps = np.stack([h.ipp for h in headers])
+    n = len(headers)
+    pixel = float(spacings[0].min())
+
+    if n > 1:
+        steps = np.diff(dist)
+        dup = np.flatnonzero(steps < 0.01)  # mm; real slice steps are >= 0.1 mm
+        if dup.size:
+            a, b = headers[dup[0]], headers[dup[0] + 1]
+            raise DuplicateSliceError(
+                f"{dup.size} duplicate slice position(s); first at {dist[dup[0]]:.3f} mm along the normal: "
+                f"SOP {a.sop_uid} and SOP {b.sop_uid}"
+            )
+        along = dist[-1] - dist[0]
+        drift = ipps[-1] - ipps[0] - along * normal
+        drift_mm = float(np.linalg.norm(drift))
+        if drift_mm > max_drift_px * pixel:
+            angle = math.degrees(math.atan2(drift_mm, along))
+            tag = (
+                ""
+                if headers[0].gantry_tilt is None
+                else f" (GantryDetectorTilt {headers[0].gantry_tilt:g} deg)"
+            )
+            raise GantryTiltError(
+                f"gantry tilt: slice positions progress {angle:.2f} deg off the slice normal "
+                f"({drift_mm:.2f} mm in-plane drift over {along:.1f} mm){tag}; tilted series need "
+                "a shear correction that is not supported"
+            )
+        frac = (dist - dist[0]) / along
+        off_line = ipps - ipps[0] - frac[:, None] * (ipps[-1] - ipps[0])
+        wobble = np.linalg.norm(off_line, axis=1)
+        if wobble.max() > max_drift_px * pixel:
+            worst = int(np.argmax(wobble))
+            raise InconsistentGeometryError(
+                f"slice positions are not collinear: slice {worst} (SOP {headers[worst].sop_uid}) is "
+                f"{wobble[worst]:.2f} mm off the line through the first and last positions"
+            )
+        median = float(np.median(steps))
+        irregular = np.flatnonzero(np.abs(steps - median) > spacing_tolerance * median)
+        if irregular.size:
+            parts = []
+            for g in irregular[:3]:
+                gap = steps[g]
+                missing = round(gap / median) - 1
+                what = f"about {missing} slice(s) missing" if missing >= 1 else "uneven step"
+                parts.append(
+                    f"gap of {gap:.2f} mm between sorted slices {g} and {g + 1} "
+                    f"(at {dist[g]:.2f} and {dist[g + 1]:.2f} mm along the normal; {what})"
+                )
+            more = f" and {irregular.size - 3} more" if irregular.size > 3 else ""
+            raise IrregularSpacingError(
+                f"irregular slice spacing (the series steps {median:.2f} mm): " + "; ".join(parts) + more
+            )
+        step = along / (n - 1)
+    else:
+        ds0 = _dataset(headers[0], stop_before_pixels=True)
+        step = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
+        logger.warning("single-slice series: slice step %.3f mm taken from the header", step)
+
+    rows, cols = headers[0].rows, headers[0].cols
+    hu = np.empty((n, rows, cols), dtype=np.float32)
+    for k, h in enumerate(headers):
+        ds = _dataset(h)
+        if "PixelData" not in ds:
+            raise MissingTagError(
+                f"{_describe(h.path, h.index)}: missing required attribute(s) PixelData", ["PixelData"]
+            )
+        pixels = ds.pixel_array
+        if pixels.shape != (rows, cols):
+            raise InconsistentGeometryError(
+                f"{_describe(h.path, h.index)}: pixel data shape {pixels.shape} != Rows x Columns {(rows, cols)}"
+            )
+        out = hu[k]
+        np.multiply(pixels, np.float32(h.slope), out=out, casting="unsafe")
+        out += np.float32(h.intercept)
+        if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+            logger.warning("%s: MONOCHROME1 CT; HU taken from the rescale as is", _describe(h.path, h.index))
+
+    affine = np.eye(4)
+    ps_row, ps_col = spacings.mean(axis=0)  # PixelSpacing = (between rows, between columns)
+    affine[:3, 0] = row_dir * ps_col
+    affine[:3, 1] = col_dir * ps_row
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = ipps[0]
+    logger.debug("loaded %d slices %dx%d, step %.4f mm", n, rows, cols, step)
+    return Volume(
+        hu=hu,
+        affine=affine,
+        sop_instance_uids=tuple(h.sop_uid for h in headers),
+        series_instance_uid=headers[0].series_uid,
+        frame_of_reference_uid=headers[0].for_uid,
+        study_instance_uid=headers[0].study_uid,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# NIfTI
+# --------------------------------------------------------------------------------------------------
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def load_nifti(
+    path: str | os.PathLike[str], *, slope: float | None = None, intercept: float | None = None
+) -> Volume:
+    """Read a 3-D NIfTI CT (e.g. CT-RATE) into a :class:`Volume` in LPS.
+
+    NIfTI affines map ``(i, j, k)`` to RAS, so the first two rows are negated. The data array
+    ``[i, j, k]`` becomes ``hu[k, j, i]``. Pass ``slope``/``intercept`` (CT-RATE keeps them in a
+    metadata CSV) to rescale the raw stored values; giving them while the header also scales is
+    refused as ambiguous.
+    """
+    try:
+        import nibabel as nib  # training extra only
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("load_nifti needs nibabel (pip install 'hyperct-node[train]')") from exc
+
+    img: Any = nib.load(os.fspath(path))
+    shape = img.shape
+    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise UnsupportedImageError(f"{os.fspath(path)}: expected a 3-D image, got shape {img.shape}")
+    if slope is None and intercept is None:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    else:
+        # nibabel moves the header's scl_slope/scl_inter onto the array proxy when loading
+        hdr_slope = float(getattr(img.dataobj, "slope", 1.0))
+        hdr_inter = float(getattr(img.dataobj, "inter", 0.0))
+        if hdr_slope != 1.0 or hdr_inter != 0.0:
+            raise VolumeError(
+                f"{os.fspath(path)}: header already scales (scl_slope={hdr_slope}, scl_inter={hdr_inter}); "
+                "explicit slope/intercept would apply twice"
+            )
+        raw = np.asarray(img.dataobj.get_unscaled())
+        data = raw.astype(np.float32) * np.float32(1.0 if slope is None else slope)
+        data += np.float32(0.0 if intercept is None else intercept)
+    data = data.reshape(shape)
+    hu = np.ascontiguousarray(data.transpose(2, 1, 0))
+    affine = _RAS_TO_LPS @ np.asarray(img.affine, dtype=np.float64)
+    return Volume(hu=hu, affine=affine)
