@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -248,6 +249,10 @@ def scan_folder(folder: Path) -> list[SeriesSummary]:
     return summarize_series(pairs)
 
 
+#: "non-contrast", "without contrast", "w/o IV contrast", "no contrast", "sans contraste" say the opposite.
+_NEGATED_CONTRAST = re.compile(r"\b(non|no|without|w/o|wo|sans|nat)[\s\-_]*(iv[\s\-_]*)?contr?ast[a-z]*")
+
+
 def _axial_deviation_deg(orientation: tuple[float, ...] | None) -> float | None:
     if orientation is None or len(orientation) != 6:
         return None
@@ -284,7 +289,7 @@ def evaluate_series(s: SeriesSummary, rules: SelectionRules) -> list[str]:
         if s.contrast_agent:
             reasons.append(f"contrast agent given ({s.contrast_agent})")
         else:
-            desc = s.series_description.lower()
+            desc = _NEGATED_CONTRAST.sub(" ", s.series_description.lower())
             words = [w for w in rules.contrast_description_words if w in desc.split() or (len(w) > 3 and w in desc)]
             if words:
                 reasons.append(f"series description suggests contrast ({words[0]!r})")

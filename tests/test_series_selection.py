@@ -84,6 +84,7 @@ def test_empty_study_is_explained() -> None:
         ({"orientation": None}, "ImageOrientationPatient is missing"),
         ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2.1"}, "Enhanced (multi-frame) CT is not supported"),
         ({"series_description": "CTA chest arterial"}, "suggests contrast"),
+        ({"series_description": "Chest w/ contrast"}, "suggests contrast"),
         ({"image_type": ("DERIVED", "SECONDARY", "AXIAL")}, "lacks ORIGINAL/PRIMARY"),
     ],
 )
@@ -140,3 +141,9 @@ def test_scan_folder_reads_headers_and_skips_non_dicom(tmp_path: Path) -> None:
     (tmp_path / "truncated.dcm").write_bytes(b"\0" * 10)
     (series,) = scan_folder(tmp_path)
     assert series.n_instances == 3 and series.series_number == 4 and series.slice_thickness_mm == 1.0
+
+
+def test_negated_contrast_descriptions_are_not_contrast() -> None:
+    for desc in ("CHEST 2mm NON-CONTRAST AXIAL", "Thorax without contrast", "chest w/o IV contrast", "no contrast"):
+        s = _series("1.2.3.1", series_description=desc)
+        assert select_series([s]).selected is s, desc

@@ -1,0 +1,111 @@
+"""Study input: the SDK's DICOM loader, made robust for what a PACS or an archive really holds.
+
+The SDK's ``DICOMDataLoaderOperator`` reads every file fully, only survives ``InvalidDicomError``
+(a truncated file or a ``.DS_Store`` with odd bytes stops the app) and has no way to report what it
+skipped. This subclass reads headers with pixel data deferred (non-selected series never cost
+memory), skips unreadable files with a logged reason, and emits one :class:`StudyCase` per study
+instead of failing when a folder holds nothing usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from monai.deploy.core import ConditionType, Fragment, OperatorSpec
+from monai.deploy.core.domain import DICOMSeries, DICOMStudy
+from monai.deploy.operators import DICOMDataLoaderOperator
+
+from operators.study_case import Outcome, StudyCase
+
+logger = logging.getLogger(__name__)
+
+#: Elements larger than this are read from the file only when used (PixelData of a CT slice).
+DEFER_SIZE = 64 * 1024
+
+
+def read_instance(path: Path) -> tuple[pydicom.Dataset | None, str]:
+    """Read one file's dataset with large elements deferred; (None, reason) when it is not usable."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+        return None, f"not readable as DICOM ({type(exc).__name__}: {exc})"
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not str(ds.get(keyword, "") or "").strip():
+            return None, f"missing {keyword}"
+    if ds.SOPClassUID in DICOMDataLoaderOperator.SOP_CLASSES_TO_IGNORE:
+        return None, "DICOMDIR (media directory, not an instance)"
+    return ds, ""
+
+
+class StudyLoaderOperator(DICOMDataLoaderOperator):
+    """Folder of DICOM files (any layout) → ``list[StudyCase]``, one per StudyInstanceUID."""
+
+    def __init__(self, fragment: Fragment, *args: Any, input_folder: Path, output_folder: Path, **kwargs: Any) -> None:
+        self.output_folder = Path(output_folder)
+        self.skipped: list[tuple[str, str]] = []
+        super().__init__(fragment, *args, input_folder=Path(input_folder), output_name="cases", must_load=False, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input(self.input_name).condition(ConditionType.NONE)
+        spec.output("cases")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        folder = self.input_path
+        try:
+            received = op_input.receive(self.input_name)
+            if received:
+                folder = Path(received)
+        except Exception:  # noqa: BLE001 - the port is optional
+            pass
+        op_output.emit(self.load_cases(folder), "cases")
+
+    def load_cases(self, folder: Path) -> list[StudyCase]:
+        """Load every study under ``folder``; an empty or unusable folder yields one failed case."""
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"input folder {folder} does not exist")
+        files: list[str] = []
+        self._list_files(str(folder), files)
+        studies = self._load_data(sorted(files))
+        cases = []
+        for study in studies:
+            case = StudyCase(study_instance_uid=study.StudyInstanceUID, output_folder=self.output_folder, study=study)
+            first = next((i for s in study.get_all_series() for i in s.get_sop_instances()), None)
+            if first is not None:
+                ds = first.get_native_sop_instance()
+                case.patient_id = str(ds.get("PatientID", ""))
+                case.accession_number = str(ds.get("AccessionNumber", ""))
+            cases.append(case)
+        if not cases:
+            case = StudyCase(study_instance_uid="", output_folder=self.output_folder)
+            detail = f" ({len(self.skipped)} files skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
+            case.stop(Outcome.NOT_PROCESSED, f"no DICOM study found in the input{detail}")
+            cases.append(case)
+        logger.info("loaded %d study(ies) from %d files (%d skipped)", len(studies), len(files), len(self.skipped))
+        return cases
+
+    def _load_data(self, files: list[str]) -> list[DICOMStudy]:
+        """Group readable instances into studies and series (SDK domain objects)."""
+        studies: dict[str, DICOMStudy] = {}
+        series: dict[tuple[str, str], DICOMSeries] = {}
+        self.skipped = []
+        for name in files:
+            ds, why = read_instance(Path(name))
+            if ds is None:
+                self.skipped.append((os.path.basename(name), why))
+                logger.warning("skipped %s: %s", os.path.basename(name), why)
+                continue
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            if study_uid not in studies:
+                studies[study_uid] = DICOMStudy(study_uid)
+                self.populate_study_attributes(studies[study_uid], ds)
+            key = (study_uid, series_uid)
+            if key not in series:
+                series[key] = DICOMSeries(series_uid)
+                self.populate_series_attributes(series[key], ds)
+                studies[study_uid].add_series(series[key])
+            series[key].add_sop_instance(ds)
+        return list(studies.values())
