@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from app.app import EXIT_FAILED, HyperCTApp, exit_code, quiet_holoscan
+from app.app import EXIT_FAILED, HyperCTApp, exit_code
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every copied module at INFO
-    quiet_holoscan()
     try:
         app = HyperCTApp()  # Holoscan reads sys.argv itself; init_app_context parses -i/-o/-m
         app.run()

@@ -9,7 +9,6 @@ are not rebuilt for every study.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from app.config import AppConfig
 from operators.dicom_writer import DicomResultWriterOperator
 from operators.hyperct_inference import HyperCTInferenceOperator
 from operators.model_runner import HyperCTRunner
+from operators.onnx_model import register_hyperct_model
 from operators.preprocessing import PreprocessingConfig
 from operators.preprocessor import PreprocessOperator
 from operators.results_writer import ResultsWriterOperator
@@ -52,6 +52,7 @@ class HyperCTApp(Application):
         super().__init__(argv, *args, **kwargs)
 
     def compose(self) -> None:
+        register_hyperct_model()
         ctx = Application.init_app_context(self.argv)  # -i/-o/-m or HOLOSCAN_INPUT/OUTPUT/MODEL_PATH
         input_folder, output_folder = Path(ctx.input_path), Path(ctx.output_path)
         config = self.app_config or AppConfig.load()
@@ -88,9 +89,6 @@ class HyperCTApp(Application):
         return out
 
 
-def quiet_holoscan() -> None:
-    """Holoscan logs every scheduler step at INFO on stdout; keep its C++ side at WARN unless asked."""
-    os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
 
 
 def process_folder(
@@ -100,12 +98,12 @@ def process_folder(
     *,
     runner: HyperCTRunner | None = None,
     config: AppConfig | None = None,
+    log_level: str = "WARN",
 ) -> list[dict[str, Any]]:
     """Run the application once over a folder and return one outcome record per study."""
-    quiet_holoscan()
     output_folder.mkdir(parents=True, exist_ok=True)
     # Holoscan drops argv[0] as the interpreter and self.argv[0] as the program: give both.
-    argv = ["python", "hyperct", "-i", str(input_folder), "-o", str(output_folder), "-m", str(model_path)]
+    argv = ["python", "hyperct", "-i", str(input_folder), "-o", str(output_folder), "-m", str(model_path), "-l", log_level]
     app = HyperCTApp(argv, runner=runner, config=config)
     app.run()
     return app.summaries

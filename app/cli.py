@@ -10,6 +10,7 @@ import typer
 
 from app import RESEARCH_USE_STATEMENT, __version__
 from app.commands import labels as labels_cmd
+from app.commands import run as run_cmd
 from app.commands import synth as synth_cmd
 
 cli = typer.Typer(
@@ -40,6 +41,7 @@ def _root(
     """HyperCT Node command line."""
 
 
+cli.command("run", help=run_cmd.HELP)(run_cmd.run)
 cli.command("synth", help=synth_cmd.HELP)(synth_cmd.synth)
 cli.add_typer(labels_cmd.labels_app, name="labels", help=labels_cmd.HELP)
 

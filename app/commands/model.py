@@ -1,0 +1,211 @@
+"""``hyperct export`` and ``hyperct model verify``.
+
+``export`` (training side) imports torch and ``training`` inside its body only; ``verify`` (serving
+side) uses ``operators.model_verify`` (onnxruntime, no torch). Wire with::
+
+    from app.commands import model as model_cmd
+    cli.command("export", help=model_cmd.EXPORT_HELP)(model_cmd.export_command)
+    cli.add_typer(model_cmd.model_app, name="model", help=model_cmd.HELP)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+HELP = "Inspect and check exported HyperCT models (model folders with manifest.json + ONNX files)."
+EXPORT_HELP = (
+    "Export a HyperCT checkpoint to ONNX (one merged-LoRA model per task by default) plus a validated "
+    "manifest.json: the model folder the node serves (e.g. models/hyperct/). See docs/export.md."
+)
+VERIFY_HELP = (
+    "Verify a model folder: manifest schema, file hashes, and that every ONNX file loads in ONNX "
+    "Runtime and runs on a dummy study with the declared inputs/outputs. Exit code 1 on any problem."
+)
+
+model_app = typer.Typer(name="model", help=HELP, no_args_is_help=True, add_completion=False)
+
+
+class ExportFormat(str, Enum):
+    merged = "merged"
+    factored = "factored"
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
+def _mb(size: int | None) -> str:
+    return "?" if size is None else f"{size / 2**20:.1f}"
+
+
+@model_app.callback()
+def _model_group() -> None:
+    """Keeps ``model`` a command group."""
+
+
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="HyperCT checkpoint (.pt from training).")],
+    out: Annotated[Path, typer.Argument(help="Model folder to write (manifest.json + ONNX files).")],
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", help="Export only these task keys (comma-separated or repeated)."),
+    ] = None,
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format", help="merged: one ONNX per task (default); factored: one graph + task input."
+        ),
+    ] = ExportFormat.merged,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="fp16 weights/activations (GPU hosts); I/O stays fp32.")
+    ] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantisation (CPU hosts).")] = False,
+    thresholds: Annotated[
+        Path | None,
+        typer.Option("--thresholds", help="metrics.json or thresholds JSON: thresholds, AUROC, prevalence."),
+    ] = None,
+    threshold_rule: Annotated[
+        str, typer.Option("--threshold-rule", help="Named threshold used as the operating threshold.")
+    ] = "youden",
+    name: Annotated[str, typer.Option("--name", help="Model name in the manifest.")] = "hyperct",
+    version: Annotated[str, typer.Option("--version", help="Model version in the manifest.")] = "0.1.0",
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Mark as a synthetic (demo) model.")] = False,
+    training_data: Annotated[
+        Path | None, typer.Option("--training-data", help="JSON file describing the training data.")
+    ] = None,
+    backbone_path: Annotated[
+        Path | None, typer.Option("--backbone-path", help="Local DINOv3 folder (overrides the checkpoint's).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="Skip the ONNX Runtime vs PyTorch self-check per task.")
+    ] = False,
+) -> None:
+    """``hyperct export CHECKPOINT OUT``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from operators.manifest import ManifestError, load_manifest
+    from training.export import ExportError, export_model
+
+    console, err = Console(), Console(stderr=True)
+    if fp16 and int8:
+        err.print("[red]error:[/red] --fp16 and --int8 exclude each other")
+        raise typer.Exit(2)
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    data: dict[str, Any] | None = None
+    if training_data is not None:
+        try:
+            data = json.loads(training_data.read_text())
+        except (OSError, ValueError) as e:
+            err.print(f"[red]error:[/red] --training-data {training_data}: {e}")
+            raise typer.Exit(2) from e
+    try:
+        with Progress(
+            TextColumn("[bold]export[/bold] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            bar = progress.add_task("loading checkpoint", total=None)
+
+            def report(done: int, total: int, key: str) -> None:
+                progress.update(bar, completed=done, total=total, description=key)
+
+            export_model(
+                checkpoint,
+                out,
+                fmt=fmt.value,
+                precision=precision,
+                tasks=_split(tasks),
+                thresholds=thresholds,
+                threshold_rule=threshold_rule,
+                synthetic=synthetic,
+                name=name,
+                version=version,
+                training_data=data,
+                backbone_path=backbone_path,
+                check=not no_check,
+                overwrite=overwrite,
+                progress=report,
+            )
+        manifest = load_manifest(out, verify_files=False)
+    except (ExportError, ManifestError, FileNotFoundError, ValueError) as e:
+        err.print(f"[red]export failed:[/red] {e}")
+        raise typer.Exit(1) from e
+    checks = json.loads((out / "manifest.json").read_text())["export"]["self_check"]
+    table = Table(title=f"{manifest.name} {manifest.version}: {manifest.format}, {manifest.precision}")
+    for col in ("task", "group", "file", "MB", "threshold", "|Δlogit| vs torch"):
+        table.add_column(col)
+    for t in manifest.tasks:
+        size = sum((out / f).stat().st_size for f, _ in t.files())
+        diff = checks.get(t.key, {}).get("max_abs_logit_diff")
+        table.add_row(
+            t.key,
+            t.group,
+            t.file,
+            _mb(size),
+            f"{t.threshold:.3f}",
+            "skipped" if diff is None else f"{diff:.1e}",
+        )
+    console.print(table)
+    total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    console.print(f"wrote {out} ({total / 2**20:.1f} MB, {len(manifest.tasks)} task(s))")
+
+
+@model_app.command("verify", help=VERIFY_HELP)
+def verify_command(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder (or a models root holding hyperct/).")],
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
+    no_run: Annotated[bool, typer.Option("--no-run", help="Check schema and hashes only.")] = False,
+) -> None:
+    """``hyperct model verify DIR``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from operators.model_verify import verify_model
+    from operators.ort_session import SessionOptions
+
+    console, err = Console(), Console(stderr=True)
+    try:
+        options = SessionOptions(device=device)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    report = verify_model(model_dir, run=not no_run, session_options=options)
+    m = report.manifest
+    if m is not None:
+        title = f"{m.name} {m.version} ({m.format}, {m.precision}{', SYNTHETIC' if m.synthetic else ''})"
+        table = Table(title=title)
+        for col in ("key", "group", "code", "threshold", "AUROC", "MB", "status"):
+            table.add_column(col)
+        for t in report.tasks:
+            table.add_row(
+                t.key,
+                t.group,
+                t.code,
+                f"{t.threshold:.3f}" + ("" if t.threshold_source[:7] != "default" else " (default)"),
+                "—" if t.auroc is None else f"{t.auroc:.3f}",
+                _mb(t.size_bytes),
+                "[green]ok[/green]" if t.ok else "[red]FAIL[/red]",
+            )
+        console.print(table)
+    if report.ok:
+        console.print(f"[green]ok[/green]: {report.model_dir} ({len(report.tasks)} task(s))")
+        return
+    for problem in report.problems:
+        err.print(f"[red]problem:[/red] {problem}")
+    raise typer.Exit(1)

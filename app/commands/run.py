@@ -1,0 +1,75 @@
+"""``hyperct run IN OUT``: one folder of DICOM files through the application, findings printed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+HELP = (
+    "Run HyperCT on the DICOM study (or studies) in IN and write SR, SEG, text SR and results.json "
+    "under OUT/<StudyInstanceUID>/ plus OUT/outcome.json. Exit codes: 0 processed, 3 no eligible "
+    "series (nothing to do; see outcome.json), 1 error, 2 bad usage. Research use only."
+)
+DEFAULT_MODELS = Path("models")
+
+
+def default_model_path() -> Path:
+    """``HOLOSCAN_MODEL_PATH`` if set, else ``./models`` (where ``make demo`` puts the demo model)."""
+    return Path(os.environ.get("HOLOSCAN_MODEL_PATH", DEFAULT_MODELS))
+
+
+def print_findings(output: Path, summaries: list[dict]) -> None:
+    """A findings table per processed study (from results.json) and the reason for the others."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for s in summaries:
+        uid = s["study_instance_uid"] or "(no study)"
+        if s["outcome"] != "processed":
+            console.print(f"[yellow]{s['outcome']}[/yellow] study {uid}: {s['reason']}")
+            continue
+        data = json.loads((output / s["files"]["results"]).read_text())
+        model = data.get("model", {})
+        title = f"study {uid} — {model.get('name', '?')} {model.get('version', '')}"
+        if model.get("synthetic"):
+            title += " (SYNTHETIC demo model, not clinical)"
+        table = Table(title=title, caption="Research use only. Attention maps are not lesion outlines.")
+        for col in ("task", "group", "probability", "threshold", "finding"):
+            table.add_column(col, justify="right" if col in ("probability", "threshold") else "left")
+        for t in data["tasks"]:
+            finding = "[bold red]present[/bold red]" if t["decision"] == "present" else "absent"
+            table.add_row(t["name"], t["group"], f"{t['probability']:.3f}", f"{t['threshold']:.3f}", finding)
+        console.print(table)
+        console.print("files: " + ", ".join(f"{k}={v}" for k, v in s["files"].items()))
+
+
+def run(
+    input_folder: Path = typer.Argument(..., metavar="IN", exists=True, file_okay=False, help="Folder of DICOM files."),
+    output_folder: Path = typer.Argument(..., metavar="OUT", file_okay=False, help="Output folder (created)."),
+    model: Path = typer.Option(
+        None, "--model", "-m", help="Model folder with manifest.json [default: $HOLOSCAN_MODEL_PATH or ./models]."
+    ),
+    config: Path = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="app.yaml to use."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the findings table."),
+) -> None:
+    """Process one folder (the same pipeline as the MAP and the node)."""
+    import logging
+
+    from app.app import exit_code, process_folder
+    from app.config import AppConfig
+    from operators.manifest import ManifestError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    model_path = model or default_model_path()
+    try:
+        summaries = process_folder(input_folder, output_folder, model_path, config=AppConfig.load(config))
+    except (ManifestError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not quiet:
+        print_findings(output_folder, summaries)
+    raise typer.Exit(exit_code(summaries, map_entry=False))
