@@ -288,10 +288,8 @@ def study_result(
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """(errors, warnings) of dicom3tools' ``dciodvfy`` (it reports on stderr; "Error" lines are errors)."""
+    if shutil.which("dciodvfy") is None:
+        raise FileNotFoundError("dciodvfy (dicom3tools) is not installed: run `make peers` as root")
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     lines = [ln.strip() for ln in (out.stderr + out.stdout).splitlines() if ln.strip()]
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
-
-
-def has_tool(name: str) -> bool:
-    return shutil.which(name) is not None

@@ -23,8 +23,14 @@ def _manifest(tmp_path: Path) -> dict[str, Any]:
         "precision": "fp32",
         "backbone": {"name": "dinov3-tiny"},
         "preprocessing": {"schema_version": 1},
-        "inputs": {"images": [None, 3, 144, 144], "mask": [None]},
-        "outputs": {"logit": [], "attention": [None, 9, 9]},
+        "inputs": {
+            "images": {"dtype": "float32", "shape": ["N", 3, 144, 144]},
+            "mask": {"dtype": "bool", "shape": ["N"]},
+        },
+        "outputs": {
+            "logit": {"dtype": "float32", "shape": [1]},
+            "attention": {"dtype": "float32", "shape": ["N", 9, 9]},
+        },
         "intended_use": "tests",
         "licences": [{"name": "Apache-2.0"}],
         "training_data": {"kind": "synthetic"},
@@ -105,6 +111,18 @@ def test_file_outside_model_folder_is_refused(tmp_path: Path) -> None:
             lambda d: d["tasks"][0].update(concept={"value": "X", "scheme_designator": "99OTHER", "meaning": "x"}),
             "private coding scheme '99OTHER' is not declared",
         ),
+        (lambda d: d.update(precision="fp8"), "precision must be one of"),
+        (lambda d: d["inputs"].pop("mask"), "inputs: missing required entry 'mask'"),
+        (lambda d: d["outputs"].pop("logit"), "outputs: missing required entry 'logit'"),
+        (lambda d: d["inputs"]["images"].update(dtype="uint8"), r"inputs.images: dtype must be one of"),
+        (lambda d: d["outputs"]["attention"].update(shape=["N", -9, 9]), r"outputs.attention: shape entries"),
+        (lambda d: d.update(inputs=[1, 2]), "'inputs' must be dict"),
+        (lambda d: d.update(format="factored"), "inputs: missing required entry 'task'"),
+        (lambda d: d["tasks"][0].update(graph_task_index=-1), r"\(cardiomegaly\): graph_task_index must be"),
+        (
+            lambda d: d["tasks"][0].update(external_data=[{"file": "x.data", "sha256": "nothex"}]),
+            r"\(cardiomegaly\)\.external_data\[0\]: sha256 must be",
+        ),
     ],
 )
 def test_invalid_fields_are_named(tmp_path: Path, mutate: Any, message: str) -> None:
@@ -116,4 +134,44 @@ def test_invalid_fields_are_named(tmp_path: Path, mutate: Any, message: str) -> 
 
 def test_no_manifest_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="no manifest.json"):
+        load_manifest(tmp_path)
+
+
+def _factored(data: dict[str, Any]) -> dict[str, Any]:
+    data["format"] = "factored"
+    data["inputs"]["task"] = {"dtype": "int64", "shape": [1]}
+    second = copy.deepcopy(data["tasks"][0])
+    second.update(key="pleural_effusion", index=19)
+    data["tasks"].append(second)
+    data["tasks"][0]["graph_task_index"] = 0
+    data["tasks"][1]["graph_task_index"] = 1
+    return data
+
+
+def test_factored_manifest_needs_distinct_graph_task_indices(tmp_path: Path) -> None:
+    data = _factored(_manifest(tmp_path))
+    m = load_manifest(_write(tmp_path, data))
+    assert [t.graph_task_index for t in m.tasks] == [0, 1]
+    data["tasks"][1]["graph_task_index"] = 0
+    with pytest.raises(ManifestError, match="graph_task_index values of a factored model must be distinct"):
+        parse_manifest(data)
+    data["tasks"][1].pop("graph_task_index")
+    with pytest.raises(ManifestError, match=r"\(pleural_effusion\): a factored model needs graph_task_index"):
+        parse_manifest(data)
+    data["tasks"][1].update(graph_task_index=1, file="other.onnx")
+    with pytest.raises(ManifestError, match="one file for all tasks"):
+        parse_manifest(data)
+
+
+def test_external_data_files_are_hashed(tmp_path: Path) -> None:
+    data = _manifest(tmp_path)
+    (tmp_path / "cardiomegaly.onnx.data").write_bytes(b"weights")
+    data["tasks"][0]["external_data"] = [
+        {"file": "cardiomegaly.onnx.data", "sha256": sha256_file(tmp_path / "cardiomegaly.onnx.data")}
+    ]
+    m = load_manifest(_write(tmp_path, data))
+    assert m.tasks[0].files()[1][0] == "cardiomegaly.onnx.data"
+    assert m.to_dict()["tasks"][0]["external_data"][0]["file"] == "cardiomegaly.onnx.data"
+    (tmp_path / "cardiomegaly.onnx.data").write_bytes(b"other weights")
+    with pytest.raises(ManifestError, match="SHA-256 mismatch for cardiomegaly.onnx.data"):
         load_manifest(tmp_path)
