@@ -1,0 +1,231 @@
+"""The MONAI Deploy application end to end on synthetic studies, checked by real validators."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from app.app import EXIT_NOT_PROCESSED, exit_code, process_folder
+from app.synth import PatientPosition
+from operators.model_runner import HyperCTRunner
+from tests.app_fixtures import export_tiny_model, small_study
+from tests.dicom_fixtures import dciodvfy
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIVATE_SCHEME_WARNING = "Unrecognized defined term <99HYPERCT>"
+
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir: Path) -> HyperCTRunner:
+    return HyperCTRunner(model_dir)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory, runner: HyperCTRunner, model_dir: Path) -> tuple[Path, Path]:
+    """One study with scout + thick + contrast + MR distractors, processed once for several tests."""
+    study = small_study(tmp_path_factory.mktemp("in"), extras=("scout", "thick", "contrast", "mr"))
+    out = tmp_path_factory.mktemp("out")
+    summaries = process_folder(study, out, model_dir, runner=runner)
+    assert [s["outcome"] for s in summaries] == ["processed"], summaries
+    return study, out
+
+
+def _results(out: Path) -> dict:
+    (path,) = out.glob("*/results.json")
+    return json.loads(path.read_text())
+
+
+def _one(out: Path, prefix: str) -> Path:
+    (path,) = out.glob(f"*/{prefix}_*.dcm")
+    return path
+
+
+def _primary(study: Path) -> list[pydicom.Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(study.glob("*/02_axial/*.dcm"))]
+
+
+def test_selects_thin_non_contrast_axial_among_distractors(processed: tuple[Path, Path]) -> None:
+    study, out = processed
+    results = _results(out)
+    primary = _primary(study)[0]
+    assert results["series_instance_uid"] == primary.SeriesInstanceUID
+    verdicts = {s["description"]: s for s in results["selection"]["series"]}
+    assert sum(s["eligible"] for s in verdicts.values()) == 1
+    assert any("contrast agent given" in " ".join(s["reasons"]) for s in verdicts.values())
+    assert any("modality MR" in " ".join(s["reasons"]) for s in verdicts.values())
+    assert any("LOCALIZER" in " ".join(s["reasons"]) for s in verdicts.values())
+    assert any("5 mm is outside" in " ".join(s["reasons"]) for s in verdicts.values())
+
+
+def test_outputs_pass_dciodvfy(processed: tuple[Path, Path]) -> None:
+    _, out = processed
+    files = sorted(out.glob("*/*.dcm"))
+    assert {f.name.split("_")[0] for f in files} == {"SR", "SEG", "TXT"}
+    for f in files:
+        errors, warnings = dciodvfy(f)
+        assert not errors, f"{f.name}: {errors}"
+        assert all(PRIVATE_SCHEME_WARNING in w for w in warnings), f"{f.name}: {warnings}"
+
+
+def test_sr_reads_back_exactly_what_results_json_says(processed: tuple[Path, Path]) -> None:
+    study, out = processed
+    results = _results(out)
+    sr = hd.sr.srread(_one(out, "SR"))
+    source = _primary(study)[0]
+    for attr in ("PatientID", "StudyInstanceUID"):
+        assert sr[attr].value == source[attr].value
+    found: dict[str, float] = {}
+    for item in sr.ContentSequence:
+        for sub in getattr(item, "ContentSequence", []):
+            for leaf in getattr(sub, "ContentSequence", []):
+                if leaf.ValueType == "NUM" and "Probability of finding" in leaf.ConceptNameCodeSequence[0].CodeMeaning:
+                    found[sub.ContentSequence[0].TextValue if sub.ContentSequence[0].ValueType == "TEXT" else len(found)] = (
+                        float(leaf.MeasuredValueSequence[0].FloatingPointValue)
+                    )
+    expected = sorted(t["probability"] for t in results["tasks"])
+    assert sorted(found.values()) == expected, "SR probabilities must equal results.json bit for bit"
+
+
+def test_seg_carries_source_identity_and_lines_up(processed: tuple[Path, Path]) -> None:
+    study, out = processed
+    primary = {ds.SOPInstanceUID: ds for ds in _primary(study)}
+    seg = hd.seg.segread(_one(out, "SEG"))
+    first = next(iter(primary.values()))
+    assert seg.PatientID == first.PatientID
+    assert seg.StudyInstanceUID == first.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    results = _results(out)
+    positives = {t["key"] for t in results["tasks"] if t["decision"] == "present" and t["saliency"]}
+    labels = {s.SegmentLabel for s in seg.SegmentSequence}
+    assert len(labels) == len(positives) and all(label.startswith("Attention") for label in labels)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        src = primary[ref]
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in src.ImagePositionPatient],
+            atol=1e-3,
+        )
+
+
+def test_python_m_app_with_holoscan_variables(tmp_path: Path, model_dir: Path) -> None:
+    """The MAP contract: HOLOSCAN_* paths; exit 0 with outcome.json even when nothing is eligible."""
+    study = small_study(tmp_path / "in", slices=60, slice_spacing=5.0, slice_thickness=5.0)  # too thick
+    env = dict(os.environ)
+    env.update(
+        HOLOSCAN_INPUT_PATH=str(study),
+        HOLOSCAN_OUTPUT_PATH=str(tmp_path / "out"),
+        HOLOSCAN_MODEL_PATH=str(model_dir.parent),
+    )
+    proc = subprocess.run([sys.executable, "-m", "app"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome = json.loads((tmp_path / "out" / "outcome.json").read_text())
+    (record,) = outcome["studies"]
+    assert record["outcome"] == "not-processed"
+    assert "slice thickness 5 mm is outside" in record["reason"]
+
+
+def test_hyperct_run_exit_code_for_nothing_eligible(tmp_path: Path, model_dir: Path) -> None:
+    study = small_study(tmp_path / "in", slices=60, slice_spacing=5.0, slice_thickness=5.0)
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", str(study), str(tmp_path / "out"), "-m", str(model_dir), "-q"])
+    assert result.exit_code == EXIT_NOT_PROCESSED, result.output
+
+
+def test_mr_only_and_corrupt_inputs_end_with_clear_outcomes(tmp_path: Path, runner: HyperCTRunner, model_dir: Path) -> None:
+    mr_study = small_study(tmp_path / "mr", extras=("mr",))
+    for axial in mr_study.glob("*/0[1-4]_*"):
+        shutil.rmtree(axial)
+    summaries = process_folder(mr_study, tmp_path / "out-mr", model_dir, runner=runner)
+    assert summaries[0]["outcome"] == "not-processed" and "modality MR is not CT" in summaries[0]["reason"]
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "a.dcm").write_bytes(b"DICM" + os.urandom(2000))
+    (corrupt / "b").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI")  # truncated meta
+    (corrupt / "notes.txt").write_text("not DICOM")
+    summaries = process_folder(corrupt, tmp_path / "out-corrupt", model_dir, runner=runner)
+    assert summaries[0]["outcome"] == "not-processed"
+    assert "no DICOM study found" in summaries[0]["reason"] and "skipped" in summaries[0]["reason"]
+    assert exit_code(summaries, map_entry=True) == 0
+
+
+def test_corrupt_file_inside_a_good_study_does_not_stop_it(tmp_path: Path, runner: HyperCTRunner, model_dir: Path) -> None:
+    study = small_study(tmp_path / "in")
+    (next(study.glob("*/02_axial")) / "zz-broken.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"garbage")
+    summaries = process_folder(study, tmp_path / "out", model_dir, runner=runner)
+    assert summaries[0]["outcome"] == "processed"
+
+
+def _seg_patient_points(seg_path: Path) -> set[tuple[float, float, float]]:
+    """Every segmented voxel of every segment as a rounded LPS point (mm)."""
+    seg = pydicom.dcmread(seg_path)
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    iop = np.array([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient])
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    row_dir, col_dir = iop[:3], iop[3:]
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    points = set()
+    for frame, arr in zip(seg.PerFrameFunctionalGroupsSequence, pixels, strict=True):
+        ipp = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+        seg_no = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        for r, c in zip(*np.nonzero(arr), strict=True):
+            p = ipp + c * spacing[1] * row_dir + r * spacing[0] * col_dir
+            points.add((seg_no, *(round(float(v), 1) for v in p)))
+    return points
+
+
+def test_hfs_and_ffs_give_the_same_probabilities_and_attention(
+    tmp_path: Path, runner: HyperCTRunner, model_dir: Path
+) -> None:
+    hfs = small_study(tmp_path / "hfs", position=PatientPosition.HFS)
+    ffs = small_study(tmp_path / "ffs", position=PatientPosition.FFS)
+    a, b = _primary(hfs), _primary(ffs)
+    assert a[0].ImageOrientationPatient != b[0].ImageOrientationPatient
+    assert a[0].ImagePositionPatient != b[0].ImagePositionPatient  # instance 1 is the other end
+    assert not np.array_equal(a[0].pixel_array, b[0].pixel_array)
+    out_a, out_b = tmp_path / "out-hfs", tmp_path / "out-ffs"
+    process_folder(hfs, out_a, model_dir, runner=runner)
+    process_folder(ffs, out_b, model_dir, runner=runner)
+    pa = {t["key"]: t["probability"] for t in _results(out_a)["tasks"]}
+    pb = {t["key"]: t["probability"] for t in _results(out_b)["tasks"]}
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        assert abs(pa[key] - pb[key]) <= 1e-4, key
+    points_a, points_b = _seg_patient_points(_one(out_a, "SEG")), _seg_patient_points(_one(out_b, "SEG"))
+    assert points_a, "the attention SEG is empty"
+    overlap = len(points_a & points_b) / len(points_a | points_b)
+    assert overlap > 0.99, overlap
+
+
+@pytest.mark.parametrize("syntax", ["implicit", "deflated", "jpeg-lossless", "jpeg-ls", "rle", "j2k"])
+def test_every_transfer_syntax_gives_identical_hu(tmp_path: Path, syntax: str) -> None:
+    from operators.study_loader import read_instance
+    from operators.volume import load_dicom_series
+
+    ref = small_study(tmp_path / "explicit", slices=60)
+    enc = small_study(tmp_path / syntax, slices=60, transfer_syntax=syntax)
+    vol_ref = load_dicom_series(sorted(ref.glob("*/02_axial/*.dcm")))
+    datasets = [read_instance(p)[0] for p in sorted(enc.glob("*/02_axial/*.dcm"))]
+    assert str(datasets[0].file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2.1"
+    vol_enc = load_dicom_series(datasets)
+    np.testing.assert_array_equal(vol_enc.hu, vol_ref.hu)
