@@ -231,7 +231,7 @@ def _read_header(index: int, item: str | os.PathLike[str] | Dataset) -> _SliceHe
         ds, path = item, None
     else:
         path = os.fspath(item)
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path)  # once, with pixels: reading the header and the pixels apart costs 2x
     where = _describe(path, index)
 
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -277,7 +277,7 @@ def _read_header(index: int, item: str | os.PathLike[str] | Dataset) -> _SliceHe
     tilt = ds.get("GantryDetectorTilt")
     return _SliceHeader(
         index=index,
-        ds=ds if path is None else None,
+        ds=ds,
         path=path,
         sop_uid=str(ds.SOPInstanceUID),
         series_uid=str(ds.SeriesInstanceUID) if ds.get("SeriesInstanceUID") else None,
@@ -299,6 +299,32 @@ def _dataset(h: _SliceHeader, stop_before_pixels: bool = False) -> Dataset:
         return h.ds
     assert h.path is not None
     return pydicom.dcmread(h.path, stop_before_pixels=stop_before_pixels)
+
+
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+_NATIVE_DTYPES = {(16, 0): "<u2", (16, 1): "<i2", (8, 0): "u1", (8, 1): "i1"}
+
+
+def _pixels(ds: Dataset) -> np.ndarray:
+    """Stored pixel values of one frame; a zero-copy view for native little-endian data.
+
+    ``pixel_array`` handles every codec but costs several ms per slice in checks; uncompressed CT
+    (most of what a PACS sends) is just the bytes. Values must equal what pydicom returns: when
+    BitsStored < BitsAllocated we fall back unless the high bits are clear (unsigned).
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    key = (int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0)))
+    if syntax in _NATIVE_LE and key in _NATIVE_DTYPES and int(ds.get("SamplesPerPixel", 1)) == 1:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        data = ds.PixelData
+        count = rows * cols
+        if len(data) >= count * key[0] // 8:
+            arr = np.frombuffer(data, dtype=_NATIVE_DTYPES[key], count=count).reshape(rows, cols)
+            stored = int(ds.get("BitsStored", key[0]))
+            if stored == key[0] or (key[1] == 0 and int(arr.max()) < (1 << stored)):
+                return arr
+    return ds.pixel_array
 
 
 def _check_same(headers: Sequence[_SliceHeader], attr: str, label: str, error: type[VolumeError]) -> None:
@@ -452,7 +478,7 @@ def load_dicom_series(
             raise MissingTagError(
                 f"{_describe(h.path, h.index)}: missing required attribute(s) PixelData", ["PixelData"]
             )
-        pixels = ds.pixel_array
+        pixels = _pixels(ds)
         if pixels.shape != (rows, cols):
             raise InconsistentGeometryError(
                 f"{_describe(h.path, h.index)}: pixel data shape {pixels.shape} != Rows x Columns {(rows, cols)}"
