@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup peers demo test lint lock clean
+.PHONY: help setup peers demo test test-gpu lint lock clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ demo: setup  ## Run the end-to-end demo on the embedded default
 
 test: setup peers  ## Run the whole test suite (unit + real peers)
 	$(BIN)/python -m pytest
+
+test-gpu: setup  ## Run only the GPU tests (on a host with a CUDA GPU and the gpu extra)
+	$(BIN)/python -m pytest -m gpu
 
 lint: setup  ## ruff + mypy
 	$(BIN)/ruff check app operators training tests benchmarks

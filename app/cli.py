@@ -10,6 +10,7 @@ import typer
 
 from app import RESEARCH_USE_STATEMENT, __version__
 from app.commands import labels as labels_cmd
+from app.commands import model as model_cmd
 from app.commands import run as run_cmd
 from app.commands import synth as synth_cmd
 
@@ -44,6 +45,8 @@ def _root(
 cli.command("run", help=run_cmd.HELP)(run_cmd.run)
 cli.command("synth", help=synth_cmd.HELP)(synth_cmd.synth)
 cli.add_typer(labels_cmd.labels_app, name="labels", help=labels_cmd.HELP)
+cli.command("export", help=model_cmd.EXPORT_HELP)(model_cmd.export_command)
+cli.add_typer(model_cmd.model_app, name="model", help=model_cmd.HELP)
 
 
 def main() -> None:

@@ -23,6 +23,11 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 TASK_GROUPS = ("radiology", "cardiac")
 MODEL_FORMATS = ("merged", "factored")
+PRECISIONS = ("fp32", "fp16", "int8")
+IO_DTYPES = ("float32", "float16", "bool", "int64")
+#: Inputs/outputs every model declares; the factored format adds the ``task`` input.
+REQUIRED_INPUTS = ("images", "mask")
+REQUIRED_OUTPUTS = ("logit",)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -52,8 +57,21 @@ class CodingScheme:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """A file a task's ONNX model needs besides itself (ONNX external data, for models over 2 GB)."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class TaskEntry:
-    """One task the model serves."""
+    """One task the model serves.
+
+    ``graph_task_index`` is the value fed to the ``task`` input of a factored model (all tasks share
+    one file); ``threshold_source`` says where ``threshold`` came from (a default 0.5 is not a
+    calibrated operating point).
+    """
 
     index: int
     key: str
@@ -70,6 +88,13 @@ class TaskEntry:
     validation_auroc: float | None = None
     prevalence: float | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
+    threshold_source: str = ""
+    graph_task_index: int | None = None
+    external_data: tuple[DataFile, ...] = ()
+
+    def files(self) -> tuple[tuple[str, str], ...]:
+        """``(file, sha256)`` of the model file and its external data files."""
+        return ((self.file, self.sha256), *((d.file, d.sha256) for d in self.external_data))
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,8 @@ class ModelManifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tasks"] = [asdict(t) for t in self.tasks]
+        for t in d["tasks"]:
+            t["external_data"] = list(t["external_data"])
         d["licences"] = list(self.licences)
         d["coding_schemes"] = [asdict(c) for c in self.coding_schemes]
         extra = d.pop("extra")
@@ -137,6 +164,49 @@ def _probability(value: Any, where: str) -> float:
     return float(value)
 
 
+def _sha256(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise ManifestError(f"{where}: sha256 must be 64 lower-case hex digits")
+    return value
+
+
+def _data_files(value: Any, where: str) -> tuple[DataFile, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ManifestError(f"{where}: external_data must be a list of {{file, sha256}} objects")
+    out = []
+    for j, item in enumerate(value):
+        w = f"{where}.external_data[{j}]"
+        if not isinstance(item, dict):
+            raise ManifestError(f"{w}: must be an object with file and sha256")
+        out.append(DataFile(file=_require(item, "file", str, w), sha256=_sha256(item.get("sha256"), w)))
+    return tuple(out)
+
+
+def _io_spec(section: Any, required: tuple[str, ...], where: str) -> dict[str, Any]:
+    """``{name: {dtype, shape, ...}}``; shape entries are ints or a named dynamic dimension."""
+    if not isinstance(section, dict):
+        raise ManifestError(f"manifest: field {where!r} must be an object of name -> {{dtype, shape}}")
+    for name in required:
+        if name not in section:
+            raise ManifestError(f"{where}: missing required entry {name!r}")
+    for name, spec in section.items():
+        w = f"{where}.{name}"
+        if not isinstance(spec, dict):
+            raise ManifestError(f"{w}: must be an object with dtype and shape")
+        dtype = _require(spec, "dtype", str, w)
+        if dtype not in IO_DTYPES:
+            raise ManifestError(f"{w}: dtype must be one of {IO_DTYPES}, got {dtype!r}")
+        shape = _require(spec, "shape", list, w)
+        for dim in shape:
+            named = isinstance(dim, str) and bool(dim)
+            sized = isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0
+            if not (named or sized):
+                raise ManifestError(f"{w}: shape entries must be sizes >= 0 or dimension names, got {dim!r}")
+    return section
+
+
 def _task(d: Any, i: int) -> TaskEntry:
     where = f"tasks[{i}]"
     if not isinstance(d, dict):
@@ -148,9 +218,15 @@ def _task(d: Any, i: int) -> TaskEntry:
     group = _require(d, "group", str, where)
     if group not in TASK_GROUPS:
         raise ManifestError(f"{where}: group must be one of {TASK_GROUPS}, got {group!r}")
-    sha = _require(d, "sha256", str, where)
-    if not _SHA256.match(sha):
-        raise ManifestError(f"{where}: sha256 must be 64 lower-case hex digits")
+    sha = _sha256(_require(d, "sha256", str, where), where)
+    graph_index = d.get("graph_task_index")
+    if graph_index is not None and (
+        isinstance(graph_index, bool) or not isinstance(graph_index, int) or graph_index < 0
+    ):
+        raise ManifestError(f"{where}: graph_task_index must be an integer >= 0, got {graph_index!r}")
+    source = d.get("threshold_source", "")
+    if not isinstance(source, str):
+        raise ManifestError(f"{where}: threshold_source must be a string")
     site = d.get("finding_site")
     thresholds = d.get("thresholds", {})
     if not isinstance(thresholds, dict):
@@ -181,6 +257,9 @@ def _task(d: Any, i: int) -> TaskEntry:
             _probability(d["prevalence"], f"{where}.prevalence") if d.get("prevalence") is not None else None
         ),
         thresholds={str(k): _probability(v, f"{where}.thresholds.{k}") for k, v in thresholds.items()},
+        threshold_source=source,
+        graph_task_index=graph_index,
+        external_data=_data_files(d.get("external_data"), where),
     )
 
 
@@ -227,6 +306,25 @@ def parse_manifest(data: Any) -> ModelManifest:
                 raise ManifestError(
                     f"tasks ({t.key}): private coding scheme {c.scheme_designator!r} is not declared in coding_schemes"
                 )
+    precision = _require(data, "precision", str, "manifest")
+    if precision not in PRECISIONS:
+        raise ManifestError(f"manifest: precision must be one of {PRECISIONS}, got {precision!r}")
+    inputs = _io_spec(
+        _require(data, "inputs", dict, "manifest"),
+        REQUIRED_INPUTS + (("task",) if fmt == "factored" else ()),
+        "inputs",
+    )
+    outputs = _io_spec(_require(data, "outputs", dict, "manifest"), REQUIRED_OUTPUTS, "outputs")
+    if fmt == "factored":
+        files = {t.file for t in tasks}
+        if len(files) != 1:
+            raise ManifestError(f"manifest: a factored model has one file for all tasks, got {sorted(files)}")
+        for t in tasks:
+            if t.graph_task_index is None:
+                raise ManifestError(f"tasks ({t.key}): a factored model needs graph_task_index")
+        rows = [t.graph_task_index for t in tasks]
+        if len(set(rows)) != len(rows):
+            raise ManifestError("manifest: graph_task_index values of a factored model must be distinct")
     licences = _require(data, "licences", list, "manifest")
     for i, lic in enumerate(licences):
         if not isinstance(lic, dict) or "name" not in lic:
@@ -237,11 +335,11 @@ def parse_manifest(data: Any) -> ModelManifest:
         version=_require(data, "version", str, "manifest"),
         created=_require(data, "created", str, "manifest"),
         format=fmt,
-        precision=_require(data, "precision", str, "manifest"),
+        precision=precision,
         backbone=_require(data, "backbone", dict, "manifest"),
         preprocessing=_require(data, "preprocessing", dict, "manifest"),
-        inputs=_require(data, "inputs", dict, "manifest"),
-        outputs=_require(data, "outputs", dict, "manifest"),
+        inputs=inputs,
+        outputs=outputs,
         tasks=tasks,
         intended_use=_require(data, "intended_use", str, "manifest"),
         licences=tuple(licences),
@@ -291,16 +389,21 @@ def load_manifest(path: Path, *, verify_files: bool = True) -> ModelManifest:
 
 
 def verify_task_files(manifest: ModelManifest, model_dir: Path) -> None:
-    """Every task file exists, stays inside the model folder, and has the recorded SHA-256."""
+    """Every task file (and its external data) exists, stays inside the model folder, and has the
+    recorded SHA-256. A file shared by several tasks (factored format) is hashed once."""
     root = Path(model_dir).resolve()
+    hashes: dict[Path, str] = {}
     for t in manifest.tasks:
-        f = (root / t.file).resolve()
-        if root not in f.parents:
-            raise ManifestError(f"tasks ({t.key}): file {t.file!r} points outside the model folder")
-        if not f.is_file():
-            raise ManifestError(f"tasks ({t.key}): file {t.file} is missing from {model_dir}")
-        got = sha256_file(f)
-        if got != t.sha256:
-            raise ManifestError(
-                f"tasks ({t.key}): SHA-256 mismatch for {t.file}: manifest {t.sha256[:12]}…, file {got[:12]}…"
-            )
+        for name, expected in t.files():
+            f = (root / name).resolve()
+            if root not in f.parents:
+                raise ManifestError(f"tasks ({t.key}): file {name!r} points outside the model folder")
+            if not f.is_file():
+                raise ManifestError(f"tasks ({t.key}): file {name} is missing from {model_dir}")
+            if f not in hashes:
+                hashes[f] = sha256_file(f)
+            got = hashes[f]
+            if got != expected:
+                raise ManifestError(
+                    f"tasks ({t.key}): SHA-256 mismatch for {name}: manifest {expected[:12]}…, file {got[:12]}…"
+                )

@@ -354,7 +354,9 @@ def test_manifest_entries_parse_as_manifest_tasks(registry: TaskRegistry) -> Non
     ]
     data = {
         "schema_version": 1, "name": "t", "version": "0", "created": "2026-01-01", "format": "merged",
-        "precision": "fp32", "backbone": {}, "preprocessing": {}, "inputs": {}, "outputs": {}, "tasks": tasks,
+        "precision": "fp32", "backbone": {}, "preprocessing": {}, "tasks": tasks,
+        "inputs": {"images": {"dtype": "float32", "shape": ["N", 3, 144, 144]}, "mask": {"dtype": "bool", "shape": ["N"]}},
+        "outputs": {"logit": {"dtype": "float32", "shape": [1]}},
         "intended_use": "test", "licences": [{"name": "test"}], "training_data": {},
         "coding_schemes": registry.coding_schemes_for_manifest(),
     }  # fmt: skip

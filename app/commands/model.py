@@ -144,7 +144,7 @@ def export_command(
             )
         manifest = load_manifest(out, verify_files=False)
     except (ExportError, ManifestError, FileNotFoundError, ValueError) as e:
-        err.print(f"[red]export failed:[/red] {e}")
+        err.print(f"[red]export failed:[/red] {e}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from e
     checks = json.loads((out / "manifest.json").read_text())["export"]["self_check"]
     table = Table(title=f"{manifest.name} {manifest.version}: {manifest.format}, {manifest.precision}")
@@ -207,5 +207,5 @@ def verify_command(
         console.print(f"[green]ok[/green]: {report.model_dir} ({len(report.tasks)} task(s))")
         return
     for problem in report.problems:
-        err.print(f"[red]problem:[/red] {problem}")
+        err.print(f"[red]problem:[/red] {problem}", soft_wrap=True, highlight=False)
     raise typer.Exit(1)
