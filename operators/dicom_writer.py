@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
+from operators.case_stage import CaseStageOperator
 from operators.seg_writer import build_seg
 from operators.sr_writer import build_sr, save
 from operators.study_case import StudyCase
@@ -67,21 +68,14 @@ def write_case_dicom(case: StudyCase, options: WriterOptions) -> None:
         case.files["text_sr"] = str(save(text, folder, "TXT").relative_to(case.output_folder))
 
 
-class DicomResultWriterOperator(Operator):
+class DicomResultWriterOperator(CaseStageOperator):
     """``cases`` → ``cases``; writes SEG (when a finding is positive), SR and text SR per study."""
+
+    stage = "dicom-writers"
 
     def __init__(self, fragment: Fragment, *args: Any, options: WriterOptions | None = None, **kwargs: Any) -> None:
         self.options = options or WriterOptions()
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("cases")
-        spec.output("cases")
-
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        cases: list[StudyCase] = op_input.receive("cases")
-        for case in cases:
-            if case.active:
-                with case.stage("dicom-writers"):
-                    write_case_dicom(case, self.options)
-        op_output.emit(cases, "cases")
+    def process(self, case: StudyCase) -> None:
+        write_case_dicom(case, self.options)

@@ -12,8 +12,9 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
+from operators.case_stage import CaseStageOperator
 from operators.manifest import manifest_sha256
 from operators.model_runner import HyperCTRunner
 from operators.preprocessing import model_map_to_source
@@ -56,22 +57,15 @@ def infer_case(case: StudyCase, runner: HyperCTRunner, model: ModelInfo) -> None
     )
 
 
-class HyperCTInferenceOperator(Operator):
+class HyperCTInferenceOperator(CaseStageOperator):
     """``cases`` → ``cases`` with ``result`` (a :class:`~operators.results.StudyResult`)."""
+
+    stage = "inference"
 
     def __init__(self, fragment: Fragment, *args: Any, runner: HyperCTRunner, **kwargs: Any) -> None:
         self.runner = runner
         self.model = ModelInfo.from_manifest(runner.manifest, manifest_sha256(runner.model_dir))
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("cases")
-        spec.output("cases")
-
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        cases: list[StudyCase] = op_input.receive("cases")
-        for case in cases:
-            if case.active:
-                with case.stage("inference"):
-                    infer_case(case, self.runner, self.model)
-        op_output.emit(cases, "cases")
+    def process(self, case: StudyCase) -> None:
+        infer_case(case, self.runner, self.model)

@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
+from operators.case_stage import CaseStageOperator
 from operators.series_selection import SelectionRules, select_series, summarize_series
 from operators.study_case import Outcome, StudyCase
 
@@ -36,21 +37,14 @@ def select_case_series(case: StudyCase, rules: SelectionRules) -> None:
     case.series_datasets = [ds for _, ds in pairs if str(ds.SeriesInstanceUID) == uid]
 
 
-class SeriesSelectorOperator(Operator):
+class SeriesSelectorOperator(CaseStageOperator):
     """``cases`` → ``cases`` with the selected series (or a not-processed outcome) per study."""
+
+    stage = "series-selection"
 
     def __init__(self, fragment: Fragment, *args: Any, rules: SelectionRules | None = None, **kwargs: Any) -> None:
         self.rules = rules or SelectionRules()
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("cases")
-        spec.output("cases")
-
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        cases: list[StudyCase] = op_input.receive("cases")
-        for case in cases:
-            if case.active:
-                with case.stage("series-selection"):
-                    select_case_series(case, self.rules)
-        op_output.emit(cases, "cases")
+    def process(self, case: StudyCase) -> None:
+        select_case_series(case, self.rules)

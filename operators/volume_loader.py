@@ -14,8 +14,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 
+from operators.case_stage import CaseStageOperator
 from operators.study_case import Outcome, StudyCase
 from operators.volume import Volume, VolumeError, load_dicom_series
 
@@ -81,21 +82,14 @@ def load_case_volume(case: StudyCase, checks: VolumeChecks) -> None:
     )
 
 
-class VolumeLoaderOperator(Operator):
+class VolumeLoaderOperator(CaseStageOperator):
     """``cases`` → ``cases`` with ``volume`` (HU float32, LPS affine) for each active study."""
+
+    stage = "volume-load"
 
     def __init__(self, fragment: Fragment, *args: Any, checks: VolumeChecks | None = None, **kwargs: Any) -> None:
         self.checks = checks or VolumeChecks()
         super().__init__(fragment, *args, **kwargs)
 
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("cases")
-        spec.output("cases")
-
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        cases: list[StudyCase] = op_input.receive("cases")
-        for case in cases:
-            if case.active:
-                with case.stage("volume-load"):
-                    load_case_volume(case, self.checks)
-        op_output.emit(cases, "cases")
+    def process(self, case: StudyCase) -> None:
+        load_case_volume(case, self.checks)
