@@ -13,6 +13,7 @@ from app.commands import labels as labels_cmd
 from app.commands import model as model_cmd
 from app.commands import run as run_cmd
 from app.commands import synth as synth_cmd
+from app.commands import train as train_cmd
 
 cli = typer.Typer(
     name="hyperct",
@@ -47,6 +48,9 @@ cli.command("synth", help=synth_cmd.HELP)(synth_cmd.synth)
 cli.add_typer(labels_cmd.labels_app, name="labels", help=labels_cmd.HELP)
 cli.command("export", help=model_cmd.EXPORT_HELP)(model_cmd.export_command)
 cli.add_typer(model_cmd.model_app, name="model", help=model_cmd.HELP)
+cli.command("train", help=train_cmd.TRAIN_HELP)(train_cmd.train)
+cli.command("evaluate", help=train_cmd.EVALUATE_HELP)(train_cmd.evaluate)
+cli.command("baselines", help=train_cmd.BASELINES_HELP)(train_cmd.baselines)
 
 
 def main() -> None:

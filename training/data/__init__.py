@@ -1,0 +1,139 @@
+"""Training data: label CSVs, the three source layouts, patient splits, the cached torch dataset.
+
+Layouts (``DataConfig.kind``; docs/training.md §Data):
+
+* ``ctrate`` — NIfTI volumes + ``multi_abnormality_labels.csv`` + metadata CSV (:mod:`.ctrate`);
+* ``dicom`` — series folders + a label CSV keyed by StudyInstanceUID/AccessionNumber (:mod:`.dicom`);
+* ``synthetic_dicom`` — a folder written by ``hyperct synth`` (its ``labels.csv`` at the root);
+* ``synthetic`` — in-memory phantoms rendered on the fly (:mod:`.synthetic`).
+
+:func:`build_records` turns a :class:`~training.config.DataConfig` into scan records; :func:`resolve_tasks`
+decides which registry tasks a run trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from operators.preprocessing import PreprocessingConfig
+from training.config import DataConfig
+from training.data.dataset import Batch, Sample, ScanDataset, collate, prepare, sample_tasks
+from training.data.labels import MISSING, BadData, DataError, LabelRow, read_label_csv
+from training.data.records import DicomSeriesSource, NiftiSource, ScanRecord, VolumeSource
+from training.data.splits import (
+    SPLITS,
+    assign_splits,
+    check_patient_disjoint,
+    read_split_file,
+    split_patients,
+)
+from training.data.synthetic import (
+    VISIBLE_FINDINGS,
+    SyntheticStudy,
+    design_studies,
+    synthetic_records,
+    tasks_for_findings,
+)
+from training.tasks import TaskRegistry
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MISSING",
+    "SPLITS",
+    "VISIBLE_FINDINGS",
+    "BadData",
+    "Batch",
+    "DataError",
+    "DicomSeriesSource",
+    "LabelRow",
+    "NiftiSource",
+    "Sample",
+    "ScanDataset",
+    "ScanRecord",
+    "SyntheticStudy",
+    "VolumeSource",
+    "assign_splits",
+    "build_records",
+    "check_patient_disjoint",
+    "collate",
+    "design_studies",
+    "prepare",
+    "read_label_csv",
+    "read_split_file",
+    "resolve_tasks",
+    "sample_tasks",
+    "split_patients",
+    "synthetic_records",
+    "tasks_for_findings",
+]
+
+SYNTH_LABELS = "labels.csv"
+
+
+def _labels_path(cfg: DataConfig) -> Path:
+    if cfg.labels:
+        return Path(cfg.labels)
+    if cfg.kind == "synthetic_dicom" and cfg.root:
+        return Path(cfg.root) / SYNTH_LABELS
+    raise DataError(f"data.labels is required for data.kind={cfg.kind}")
+
+
+def resolve_tasks(cfg: DataConfig, registry: TaskRegistry) -> list[str]:
+    """The task keys to train, in registry order: ``cfg.tasks``, else every task the data labels."""
+    if cfg.tasks:
+        unknown = [t for t in cfg.tasks if t not in registry]
+        if unknown:
+            raise DataError(f"data.tasks: unknown task key(s) {', '.join(unknown)} (see training/tasks.json)")
+        return [k for k in registry.keys if k in set(cfg.tasks)]
+    if cfg.kind == "synthetic":
+        return tasks_for_findings(cfg.synthetic.findings, registry)
+    found: set[str] = set()
+    key_columns = ("VolumeName",) if cfg.kind == "ctrate" else (cfg.key_column, "StudyInstanceUID", "AccessionNumber")
+    for path in (_labels_path(cfg), *map(Path, cfg.extra_labels)):
+        _, keys, _ = read_label_csv(path, registry, key_columns=key_columns, bad=BadData(skip=True), require_label=False)
+        found.update(keys)
+    return [k for k in registry.keys if k in found]
+
+
+def build_records(
+    cfg: DataConfig,
+    registry: TaskRegistry,
+    tasks: Sequence[str],
+    bad: BadData | None = None,
+    preprocessing: PreprocessingConfig | None = None,
+) -> list[ScanRecord]:
+    """Scan records for ``cfg`` with labels in ``tasks`` order; bad rows go through ``bad``.
+
+    ``preprocessing`` sets the grid in-memory synthetic studies are rendered on (``model`` geometry).
+    """
+    bad = bad or BadData(skip=cfg.skip_bad)
+    if cfg.kind == "synthetic":
+        s = cfg.synthetic
+        studies = design_studies(
+            s.n_studies, s.findings, prevalence=s.prevalence, seed=s.seed, twins=s.twins, geometry=s.geometry,
+            preprocessing=preprocessing,
+        )  # fmt: skip
+        return synthetic_records(studies, registry, tasks)
+    if cfg.kind == "ctrate":
+        from training.data.ctrate import ctrate_records
+
+        if not cfg.metadata:
+            raise DataError("data.metadata (the CT-RATE metadata CSV with rescale slope/intercept) is required")
+        return ctrate_records(
+            cfg.root or "", _labels_path(cfg), cfg.metadata, registry, tasks, extra_labels=cfg.extra_labels, bad=bad
+        )
+    from training.data.dicom import dicom_records
+
+    return dicom_records(
+        cfg.root or "",
+        _labels_path(cfg),
+        registry,
+        tasks,
+        key_column=cfg.key_column,
+        extra_labels=cfg.extra_labels,
+        rules=cfg.series_selection,
+        bad=bad,
+    )

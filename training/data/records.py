@@ -1,0 +1,108 @@
+"""What a training sample is: a scan record (key, patient, labels) plus a source that can load its volume.
+
+Sources are small picklable objects (DataLoader workers receive them) with a stable ``identity()``:
+the cache key. Identity covers *what* is read (file names, sizes, mtimes; DICOM UIDs; a synthetic
+study's full spec), never where this machine keeps it beyond the path itself, and the cache only
+stores its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from operators.volume import Volume, load_dicom_series, load_nifti
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class VolumeSource(Protocol):
+    """Something that loads one CT volume."""
+
+    def identity(self) -> str:
+        """Stable text that changes whenever the loaded volume would (the cache key)."""
+        ...
+
+    def load(self) -> Volume: ...
+
+    def describe(self) -> str:
+        """Short human-readable name for messages (file or UID, never a full path)."""
+        ...
+
+
+def _file_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{path.as_posix()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+@dataclass(frozen=True)
+class NiftiSource:
+    """A NIfTI volume (CT-RATE), with the rescale from the metadata CSV and optional spacing override."""
+
+    path: str
+    slope: float | None = None
+    intercept: float | None = None
+    #: (x, y, z) voxel size in mm from the metadata CSV; replaces the header's when they disagree.
+    spacing: tuple[float, float, float] | None = None
+
+    def identity(self) -> str:
+        return f"nifti:{_file_stamp(Path(self.path))}:{self.slope}:{self.intercept}:{self.spacing}"
+
+    def describe(self) -> str:
+        return Path(self.path).name
+
+    def load(self) -> Volume:
+        vol = load_nifti(self.path, slope=self.slope, intercept=self.intercept)
+        if self.spacing is None:
+            return vol
+        have = vol.spacing
+        want = np.asarray(self.spacing, dtype=np.float64)
+        if np.allclose(have, want, rtol=0.01):
+            return vol
+        logger.debug("%s: header spacing %s replaced by metadata %s", self.describe(), have.round(3), want)
+        affine = vol.affine.copy()
+        affine[:3, :3] = vol.direction * want
+        return Volume(hu=vol.hu, affine=affine)
+
+
+@dataclass(frozen=True)
+class DicomSeriesSource:
+    """One DICOM series (the one ``operators.series_selection`` picked for the study)."""
+
+    files: tuple[str, ...]
+    study_instance_uid: str
+    series_instance_uid: str
+
+    def identity(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted(self.files):
+            h.update(_file_stamp(Path(f)).encode())
+        return f"dicom:{self.study_instance_uid}:{self.series_instance_uid}:{len(self.files)}:{h.hexdigest()}"
+
+    def describe(self) -> str:
+        return f"series {self.series_instance_uid} of study {self.study_instance_uid} ({len(self.files)} files)"
+
+    def load(self) -> Volume:
+        return load_dicom_series(self.files)
+
+
+@dataclass(frozen=True, eq=False)
+class ScanRecord:
+    """One scan: unique ``key``, ``patient_id`` (split unit), labels ``[K]`` (1/0/-1) and its source."""
+
+    key: str
+    patient_id: str
+    labels: np.ndarray
+    source: VolumeSource
+    origin: str
+
+    @property
+    def n_valid(self) -> int:
+        return int(np.sum(self.labels != -1))
+
