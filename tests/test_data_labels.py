@@ -36,8 +36,14 @@ train_2_a_1.nii.gz,NaN,1,0,P2
     key, tasks, rows = read_label_csv(p, REG, key_columns=("VolumeName",))
     assert key == "VolumeName"
     assert tasks == ["pleural_effusion", "cardiomegaly", "lung_nodule"]
-    assert rows["train_1_a_1.nii.gz"].labels == {"pleural_effusion": 1.0, "cardiomegaly": 0.0, "lung_nodule": MISSING}
-    assert rows["train_1_a_2.nii.gz"].labels["cardiomegaly"] == MISSING  # -1 = "not mentioned" = missing (O-8)
+    assert rows["train_1_a_1.nii.gz"].labels == {
+        "pleural_effusion": 1.0,
+        "cardiomegaly": 0.0,
+        "lung_nodule": MISSING,
+    }
+    assert (
+        rows["train_1_a_2.nii.gz"].labels["cardiomegaly"] == MISSING
+    )  # -1 = "not mentioned" = missing (O-8)
     assert rows["train_2_a_1.nii.gz"].labels["pleural_effusion"] == MISSING
     assert rows["train_2_a_1.nii.gz"].ids == {"PatientID": "P2"}
 
@@ -50,13 +56,19 @@ def test_unknown_column_is_refused_naming_file_and_column(tmp_path: Path) -> Non
 
 def test_bad_value_names_file_row_line_and_column(tmp_path: Path) -> None:
     p = _csv(tmp_path, "labels.csv", "StudyInstanceUID,Consolidation\n1.2.3,1\n1.2.4,maybe")
-    with pytest.raises(DataError, match=r"labels\.csv: row 2 \(line 3\), column 'Consolidation': label 'maybe'"):
+    with pytest.raises(
+        DataError, match=r"labels\.csv: row 2 \(line 3\), column 'Consolidation': label 'maybe'"
+    ):
         read_label_csv(p, REG, key_columns=("StudyInstanceUID",))
 
 
 def test_all_missing_row_is_an_error_and_skip_bad_goes_on(tmp_path: Path) -> None:
-    p = _csv(tmp_path, "labels.csv", "StudyInstanceUID,Consolidation,Atelectasis\n1.2.3,1,0\n1.2.4,,-1\n1.2.5,0,")
-    with pytest.raises(DataError, match=r"labels\.csv: row 2 \(line 3\): StudyInstanceUID '1.2.4' has every label missing"):
+    p = _csv(
+        tmp_path, "labels.csv", "StudyInstanceUID,Consolidation,Atelectasis\n1.2.3,1,0\n1.2.4,,-1\n1.2.5,0,"
+    )
+    with pytest.raises(
+        DataError, match=r"labels\.csv: row 2 \(line 3\): StudyInstanceUID '1.2.4' has every label missing"
+    ):
         read_label_csv(p, REG, key_columns=("StudyInstanceUID",))
     bad = BadData(skip=True)
     _, _, rows = read_label_csv(p, REG, key_columns=("StudyInstanceUID",), bad=bad)
@@ -69,7 +81,9 @@ def test_missing_key_column_and_duplicate_keys(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no key column; expected one of StudyInstanceUID"):
         read_label_csv(p, REG, key_columns=("StudyInstanceUID",))
     p = _csv(tmp_path, "dup.csv", "AccessionNumber,Consolidation\nA1,1\nA1,0")
-    with pytest.raises(DataError, match=r"dup\.csv: row 2 \(line 3\): AccessionNumber 'A1' repeats dup\.csv: row 1"):
+    with pytest.raises(
+        DataError, match=r"dup\.csv: row 2 \(line 3\): AccessionNumber 'A1' repeats dup\.csv: row 1"
+    ):
         read_label_csv(p, REG, key_columns=("AccessionNumber",))
 
 
@@ -89,11 +103,15 @@ def test_echo_labels_join_and_conflicts(tmp_path: Path) -> None:
     assert "9.9" not in merged
     clash = _csv(tmp_path, "clash.csv", "StudyInstanceUID,Consolidation\n1.1,0")
     _, _, other = read_label_csv(clash, REG, key_columns=("StudyInstanceUID",))
-    with pytest.raises(DataError, match=r"clash\.csv: row 1 \(line 2\): consolidation = 0 contradicts rad\.csv: row 1"):
+    with pytest.raises(
+        DataError, match=r"clash\.csv: row 1 \(line 2\): consolidation = 0 contradicts rad\.csv: row 1"
+    ):
         merge_labels(primary, [other])
 
 
-@pytest.mark.parametrize(("text", "value"), [("1", 1.0), ("0", 0.0), ("-1", MISSING), ("", MISSING), ("nan", MISSING)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("1", 1.0), ("0", 0.0), ("-1", MISSING), ("", MISSING), ("nan", MISSING)]
+)
 def test_parse_label(text: str, value: float) -> None:
     assert parse_label(text, "here") == value
 
@@ -117,11 +135,17 @@ def test_split_is_by_patient_deterministic_and_sized() -> None:
     recs = _records(200)
     splits = assign_splits(recs, (0.7, 0.1, 0.2), seed=42)
     patients = {s: {r.patient_id for r in v} for s, v in splits.items()}
-    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"] or patients["val"] & patients["test"])
+    assert not (
+        patients["train"] & patients["val"]
+        or patients["train"] & patients["test"]
+        or patients["val"] & patients["test"]
+    )
     assert sum(len(v) for v in splits.values()) == len(recs)
     assert (len(patients["train"]), len(patients["val"]), len(patients["test"])) == (140, 20, 40)
     again = assign_splits(list(reversed(recs)), (0.7, 0.1, 0.2), seed=42)
-    assert {s: {r.key for r in v} for s, v in again.items()} == {s: {r.key for r in v} for s, v in splits.items()}
+    assert {s: {r.key for r in v} for s, v in again.items()} == {
+        s: {r.key for r in v} for s, v in splits.items()
+    }
     other = split_patients([r.patient_id for r in recs], (0.7, 0.1, 0.2), seed=43)
     assert other != split_patients([r.patient_id for r in recs], (0.7, 0.1, 0.2), seed=42)
 
@@ -131,6 +155,10 @@ def test_split_file_and_leak_detection(tmp_path: Path) -> None:
     p = _csv(tmp_path, "split.csv", "patient_id,split\np0,train\np1,val\np2,test")
     splits = assign_splits(recs, fixed=read_split_file(p))
     assert [len(splits[s]) for s in ("train", "val", "test")] == [2, 2, 2]
-    leaky = _csv(tmp_path, "leak.csv", "key,split\np0_s0,train\np0_s1,test\np1_s0,val\np1_s1,val\np2_s0,test\np2_s1,test")
+    leaky = _csv(
+        tmp_path,
+        "leak.csv",
+        "key,split\np0_s0,train\np0_s1,test\np1_s0,val\np1_s1,val\np2_s0,test\np2_s1,test",
+    )
     with pytest.raises(DataError, match="patient 'p0' is in both train and test"):
         assign_splits(recs, fixed=read_split_file(leaky))

@@ -24,7 +24,9 @@ from training.data.synthetic import render_study
 from training.tasks import TaskRegistry
 
 REG = TaskRegistry.load()
-SMALL = PreprocessingConfig(spacing_mm=(8.0, 8.0, 8.0), image_size=(48, 48), n_slices=45, train_jitter_mm=16.0)
+SMALL = PreprocessingConfig(
+    spacing_mm=(8.0, 8.0, 8.0), image_size=(48, 48), n_slices=45, train_jitter_mm=16.0
+)
 
 
 def _nifti(path: Path, seed: int, *, scaled_header: bool = False) -> None:
@@ -75,7 +77,10 @@ def test_ctrate_layout_records_patients_rescale_and_spacing(tmp_path: Path) -> N
 def test_ctrate_bad_rows_name_the_labels_file(tmp_path: Path) -> None:
     root, labels, meta = _ctrate(tmp_path)
     labels.write_text(labels.read_text() + "train_9_a_1.nii.gz,0,0,1\n")
-    with pytest.raises(DataError, match=r"multi_abnormality_labels\.csv: row 5 \(line 6\): volume train_9_a_1\.nii\.gz not found"):
+    with pytest.raises(
+        DataError,
+        match=r"multi_abnormality_labels\.csv: row 5 \(line 6\): volume train_9_a_1\.nii\.gz not found",
+    ):
         ctrate_records(root, labels, meta, REG, ["cardiomegaly"])
     bad = BadData(skip=True)
     assert len(ctrate_records(root, labels, meta, REG, ["cardiomegaly"], bad=bad)) == 4
@@ -83,15 +88,21 @@ def test_ctrate_bad_rows_name_the_labels_file(tmp_path: Path) -> None:
     # a corrupt volume is found when it is read, with the labels row in the message
     (root / "train" / "train_2" / "train_2_a" / "train_2_a_1.nii.gz").write_bytes(b"not a nifti")
     recs = ctrate_records(root, labels, meta, REG, ["cardiomegaly"], bad=BadData(skip=True))
-    with pytest.raises(DataError, match=r"multi_abnormality_labels\.csv: row 3 \(line 4\): cannot read train_2_a_1\.nii\.gz"):
+    with pytest.raises(
+        DataError, match=r"multi_abnormality_labels\.csv: row 3 \(line 4\): cannot read train_2_a_1\.nii\.gz"
+    ):
         prepare(recs, SMALL, InputCache(None))
 
 
 def test_dicom_layout_uses_series_selection(tmp_path: Path) -> None:
     from app.synth import DatasetConfig, StudyConfig, generate_dataset
 
-    base = StudyConfig(seed=11, rows=64, cols=64, slices=50, pixel_spacing=6.0, slice_spacing=3.0, extras=("thick",))
-    ds = generate_dataset(DatasetConfig(studies=3, base=base, random_findings=False, vary_geometry=False), tmp_path / "dicom")
+    base = StudyConfig(
+        seed=11, rows=64, cols=64, slices=50, pixel_spacing=6.0, slice_spacing=3.0, extras=("thick",)
+    )
+    ds = generate_dataset(
+        DatasetConfig(studies=3, base=base, random_findings=False, vary_geometry=False), tmp_path / "dicom"
+    )
     cfg = load_config(None, ["data.kind=synthetic_dicom", f"data.root={tmp_path / 'dicom'}"])
     tasks = resolve_tasks(cfg.data, REG)
     assert len(tasks) == 18  # every CT-RATE column of the synthetic labels.csv
@@ -105,9 +116,16 @@ def test_dicom_layout_uses_series_selection(tmp_path: Path) -> None:
     assert vol.hu.shape == (50, 64, 64)
     # a study the selector refuses is reported with the selector's reason
     strict = load_config(
-        None, ["data.kind=synthetic_dicom", f"data.root={tmp_path / 'dicom'}", "data.series_selection={min-slices: 60}"]
+        None,
+        [
+            "data.kind=synthetic_dicom",
+            f"data.root={tmp_path / 'dicom'}",
+            "data.series_selection={min-slices: 60}",
+        ],
     )
-    with pytest.raises(DataError, match=r"labels\.csv: row 1 \(line 2\): study .*: no eligible series.*fewer than 60"):
+    with pytest.raises(
+        DataError, match=r"labels\.csv: row 1 \(line 2\): study .*: no eligible series.*fewer than 60"
+    ):
         build_records(strict.data, REG, tasks)
 
 

@@ -193,9 +193,15 @@ def test_augmented_crop_equals_serving_window_at_zero_shift(tmp_path: Path) -> N
 
 def test_unreadable_volume_error_names_file_and_row(tmp_path: Path) -> None:
     pre = PreprocessingConfig(**SMALL)
-    good = ScanRecord("a", "p1", np.array([1.0], dtype=np.float32), CountingSource(3, [0]), "labels.csv: row 1 (line 2)")
-    broken = ScanRecord("b", "p2", np.array([0.0], dtype=np.float32), BrokenSource("b.nii.gz"), "labels.csv: row 2 (line 3)")
-    with pytest.raises(DataError, match=r"labels\.csv: row 2 \(line 3\): cannot read b\.nii\.gz: b\.nii\.gz: truncated file"):
+    good = ScanRecord(
+        "a", "p1", np.array([1.0], dtype=np.float32), CountingSource(3, [0]), "labels.csv: row 1 (line 2)"
+    )
+    broken = ScanRecord(
+        "b", "p2", np.array([0.0], dtype=np.float32), BrokenSource("b.nii.gz"), "labels.csv: row 2 (line 3)"
+    )
+    with pytest.raises(
+        DataError, match=r"labels\.csv: row 2 \(line 3\): cannot read b\.nii\.gz: b\.nii\.gz: truncated file"
+    ):
         prepare([good, broken], pre, InputCache(None))
     with pytest.raises(DataError, match=r"labels\.csv: row 2 \(line 3\)"):
         ScanDataset([broken], pre, InputCache(None))[0]
@@ -205,8 +211,18 @@ def test_unreadable_volume_error_names_file_and_row(tmp_path: Path) -> None:
 def test_training_skip_bad_goes_on_and_counts(tmp_path: Path) -> None:
     cfg = small_config(epochs=1)
     pre = PreprocessingConfig(**SMALL)
-    recs = synthetic_records(design_studies(8, ("cardiomegaly", "pleural_effusion", "consolidation"), preprocessing=pre), REG, TASKS)
-    broken = ScanRecord("bad", "SYN000001", np.array([1, 0, 0], dtype=np.float32), BrokenSource("bad.dcm"), "labels.csv: row 9 (line 10)")
+    recs = synthetic_records(
+        design_studies(8, ("cardiomegaly", "pleural_effusion", "consolidation"), preprocessing=pre),
+        REG,
+        TASKS,
+    )
+    broken = ScanRecord(
+        "bad",
+        "SYN000001",
+        np.array([1, 0, 0], dtype=np.float32),
+        BrokenSource("bad.dcm"),
+        "labels.csv: row 9 (line 10)",
+    )
     with pytest.raises(DataError, match=r"row 9 \(line 10\): cannot read bad\.dcm"):
         train(cfg, tmp_path / "strict", records=[*recs, broken], tasks=TASKS)
     skip = load_config(None, ["data.skip_bad=true"], extra={**cfg.to_dict()})
@@ -229,7 +245,15 @@ def test_train_writes_outputs_and_resume_continues_identically(tmp_path: Path) -
     cache = InputCache(None)
     straight = train(small_config(), tmp_path / "straight", cache=cache)
     out = tmp_path / "straight"
-    for name in ("best.pt", "last.pt", "last_state.pt", "metrics.csv", "config.yaml", "splits.csv", "val_predictions.csv"):
+    for name in (
+        "best.pt",
+        "last.pt",
+        "last_state.pt",
+        "metrics.csv",
+        "config.yaml",
+        "splits.csv",
+        "val_predictions.csv",
+    ):
         assert (out / name).is_file(), name
     rows = _metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -295,7 +319,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         "app.command('train')(t.train); app.command('evaluate')(t.evaluate); app.command('baselines')(t.baselines); "
         "sys.argv = ['hyperct', *sys.argv[1:]]; app()"
     )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_cli_help_and_bad_options_exit_2(tmp_path: Path) -> None:

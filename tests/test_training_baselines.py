@@ -39,7 +39,9 @@ def test_baselines_end_to_end_with_hyperct_in_the_table(tmp_path: Path) -> None:
     cache = InputCache(None)
     cfg = small_config(epochs=1)
     run = train(cfg, tmp_path / "run", cache=cache)
-    res = run_baselines(cfg, tmp_path / "baselines", hyperct_checkpoint=run.out_dir, n_bootstrap=20, cache=cache)
+    res = run_baselines(
+        cfg, tmp_path / "baselines", hyperct_checkpoint=run.out_dir, n_bootstrap=20, cache=cache
+    )
     table = res.comparison.read_text()
     assert "| Task | HyperCT | HPS (EW, frozen) | STL LoRA |" in table
     assert "Overall average" in table
@@ -55,7 +57,9 @@ def test_evaluate_writes_report_and_thresholds(tmp_path: Path) -> None:
     run = train(small_config(epochs=1), tmp_path / "run", cache=cache)
     cfg, split = data_config_for(tmp_path / "run" / "config.yaml")
     assert split == "test"
-    out = evaluate_checkpoint(run.best_checkpoint, cfg, tmp_path / "eval", split=split, n_bootstrap=20, cache=cache)
+    out = evaluate_checkpoint(
+        run.best_checkpoint, cfg, tmp_path / "eval", split=split, n_bootstrap=20, cache=cache
+    )
     for name in ("metrics.json", "report.md", "thresholds.json", "predictions.csv"):
         assert (tmp_path / "eval" / name).is_file(), name
     doc = json.loads(out.thresholds.read_text())

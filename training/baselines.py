@@ -197,7 +197,9 @@ def _fit(
         history.append(row)
         if best_state is None or (not math.isnan(value) and value > best_value):
             best_value = value if not math.isnan(value) else best_value
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+            best_state = {
+                k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")
+            }
         logger.info("%s epoch %d/%d: loss %s, val AUROC %s", label, epoch + 1, cfg.epochs,
                     row["train_loss"], row["val_mean_auroc"])  # fmt: skip
     assert best_state is not None
@@ -211,7 +213,9 @@ def _single_task(ds: ScanDataset, j: int) -> ScanDataset:
         for r in ds.records
         if r.labels[j] != -1
     ]
-    out = ScanDataset(recs, ds.preprocessing, ds.cache, augment=ds.augment, seed=ds.seed, skip_bad=ds.skip_bad)
+    out = ScanDataset(
+        recs, ds.preprocessing, ds.cache, augment=ds.augment, seed=ds.seed, skip_bad=ds.skip_bad
+    )
     return out
 
 
@@ -300,7 +304,14 @@ def _datasets(cfg: RunConfig, data: PreparedData) -> tuple[ScanDataset, ScanData
     s = data.splits
     mk = ScanDataset
     return (
-        mk(s["train"], data.preprocessing, data.cache, augment=cfg.data.augment, seed=cfg.seed, skip_bad=cfg.data.skip_bad),
+        mk(
+            s["train"],
+            data.preprocessing,
+            data.cache,
+            augment=cfg.data.augment,
+            seed=cfg.seed,
+            skip_bad=cfg.data.skip_bad,
+        ),
         mk(s["val"], data.preprocessing, data.cache, skip_bad=cfg.data.skip_bad),
         mk(s["test"], data.preprocessing, data.cache, skip_bad=cfg.data.skip_bad),
     )
@@ -339,7 +350,9 @@ def run_baselines(
         torch.set_num_threads(cfg.threads)
     registry = registry or TaskRegistry.load()
     device = resolve_device(cfg.device)
-    data = prepare_data(cfg, out, registry=registry, records=records, tasks=tasks, cache=cache, progress=cfg.progress)
+    data = prepare_data(
+        cfg, out, registry=registry, records=records, tasks=tasks, cache=cache, progress=cfg.progress
+    )
     test = data.splits["test"]
     if not test:
         raise ValueError("the test split is empty: baselines are compared on it")

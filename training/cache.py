@@ -135,7 +135,9 @@ def preprocess_with_margin(
 ) -> CachedInput:
     """``preprocess`` on a window ``margin`` px wider per side (no augmentation), encoded for the cache."""
     my, mx = margin
-    wide = dataclasses.replace(config, image_size=(config.image_size[0] + 2 * my, config.image_size[1] + 2 * mx))
+    wide = dataclasses.replace(
+        config, image_size=(config.image_size[0] + 2 * my, config.image_size[1] + 2 * mx)
+    )
     return encode(preprocess(volume, wide, rng=None), config, margin)
 
 
@@ -217,7 +219,12 @@ class InputCache:
         return entry
 
     def put(
-        self, identity: str, config: PreprocessingConfig, entry: CachedInput, *, margin: tuple[int, int] = (0, 0)
+        self,
+        identity: str,
+        config: PreprocessingConfig,
+        entry: CachedInput,
+        *,
+        margin: tuple[int, int] = (0, 0),
     ) -> None:
         """Store an entry computed elsewhere (e.g. by a worker process); counts as a miss."""
         if tuple(entry.margin) != tuple(margin):

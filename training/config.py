@@ -172,7 +172,11 @@ class RunConfig:
         need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         need(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         need(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
-        need(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+        need(
+            self.device in ("auto", "cpu", "cuda"),
+            "device",
+            f"must be auto, cpu or cuda, got {self.device!r}",
+        )
         need(self.precision in ("fp32", "bf16"), "precision", f"must be fp32 or bf16, got {self.precision!r}")
         need(self.task_sampling == "uniform_valid", "task_sampling", "only 'uniform_valid' is implemented")
         need(self.optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {self.optimizer.lr}")

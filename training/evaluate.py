@@ -64,13 +64,20 @@ def data_config_for(data: str | Path, overrides: Sequence[str] = ()) -> tuple[Ru
         labels = p / "labels.csv"
         if not labels.is_file():
             raise ConfigError(f"{p.name}: a DICOM evaluation folder needs labels.csv at its root")
-        extra = {"data": {"kind": "dicom", "root": str(p), "labels": str(labels), "key_column": "StudyInstanceUID"}}
+        extra = {
+            "data": {"kind": "dicom", "root": str(p), "labels": str(labels), "key_column": "StudyInstanceUID"}
+        }
         return load_config(None, overrides, extra=extra), "all"
     return load_config(data, overrides), "test"
 
 
 def _records_for(
-    cfg: RunConfig, tasks: Sequence[str], split: str, registry: TaskRegistry, bad: BadData, pre: PreprocessingConfig
+    cfg: RunConfig,
+    tasks: Sequence[str],
+    split: str,
+    registry: TaskRegistry,
+    bad: BadData,
+    pre: PreprocessingConfig,
 ) -> dict[str, list[ScanRecord]]:
     from training.data import assign_splits, build_records, read_split_file
 
@@ -82,7 +89,9 @@ def _records_for(
     return assign_splits(recs, (s.train, s.val, s.test), s.seed, fixed)
 
 
-def _align(tasks: Sequence[str], src_tasks: Sequence[str], labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _align(
+    tasks: Sequence[str], src_tasks: Sequence[str], labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     y = np.full((labels.shape[0], len(tasks)), -1.0)
     s = np.full((labels.shape[0], len(tasks)), np.nan)
     for j, t in enumerate(tasks):
@@ -169,7 +178,11 @@ def evaluate_checkpoint(
     model, extra = load_checkpoint(ckpt, backbone_path=cfg.model.backbone_path)
     model.to(device)
     tasks = list(extra.get("tasks") or model.task_keys)
-    pre = PreprocessingConfig.from_dict(extra["preprocessing"]) if extra.get("preprocessing") else PreprocessingConfig()
+    pre = (
+        PreprocessingConfig.from_dict(extra["preprocessing"])
+        if extra.get("preprocessing")
+        else PreprocessingConfig()
+    )
     bad = BadData(skip=cfg.data.skip_bad)
     cache = cache or make_cache(cfg, out)
 
@@ -197,7 +210,9 @@ def evaluate_checkpoint(
     elif "val" in groups_of_records and groups_of_records["val"]:
         val_recs = prepare(groups_of_records["val"], pre, cache, workers=cfg.data.workers, bad=bad)
         vds = ScanDataset(val_recs, pre, cache, skip_bad=cfg.data.skip_bad)
-        val_s = predict(model, vds, tasks, batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision)
+        val_s = predict(
+            model, vds, tasks, batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision
+        )
         val_y = vds.labels().astype(float)
     else:
         logger.warning("no validation predictions: thresholds are picked on the evaluated data (optimistic)")

@@ -76,7 +76,9 @@ def seed_everything(seed: int) -> None:
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
     """A 63-bit seed for one (run seed, epoch, stream): independent of everything that ran before."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -236,7 +238,9 @@ def predict(
     return scores
 
 
-def mean_auroc(labels: np.ndarray, scores: np.ndarray, tasks: Sequence[str]) -> tuple[float, dict[str, float | None]]:
+def mean_auroc(
+    labels: np.ndarray, scores: np.ndarray, tasks: Sequence[str]
+) -> tuple[float, dict[str, float | None]]:
     """Per-task AUROC on valid labels and their unweighted mean over computable tasks (NaN if none)."""
     per: dict[str, float | None] = {}
     for j, t in enumerate(tasks):
@@ -280,7 +284,9 @@ def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def write_predictions(path: Path, records: Sequence[ScanRecord], tasks: Sequence[str], scores: np.ndarray) -> Path:
+def write_predictions(
+    path: Path, records: Sequence[ScanRecord], tasks: Sequence[str], scores: np.ndarray
+) -> Path:
     """CSV: ``key, patient_id``, then ``label:<task>`` (1/0/-1) and ``score:<task>`` (probability or empty)."""
     rows = []
     for i, r in enumerate(records):
@@ -306,7 +312,12 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[str], np.ndarray
             labels.append([float(row[f"label:{t}"]) for t in tasks])
             scores.append([float(row[f"score:{t}"]) if row[f"score:{t}"] else math.nan for t in tasks])
     k = len(tasks)
-    return keys, tasks, np.asarray(labels, dtype=float).reshape(-1, k), np.asarray(scores, dtype=float).reshape(-1, k)
+    return (
+        keys,
+        tasks,
+        np.asarray(labels, dtype=float).reshape(-1, k),
+        np.asarray(scores, dtype=float).reshape(-1, k),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,7 +492,9 @@ def train(
     if resume and (out / LAST).is_file() and (out / STATE).is_file():
         model, extra = load_checkpoint(out / LAST, backbone_path=cfg.model.backbone_path)
         if list(model.task_keys) != task_list:
-            raise ValueError(f"cannot resume: {LAST} has tasks {list(model.task_keys)}, the config gives {task_list}")
+            raise ValueError(
+                f"cannot resume: {LAST} has tasks {list(model.task_keys)}, the config gives {task_list}"
+            )
         state = torch.load(out / STATE, map_location="cpu", weights_only=True)
         start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
         logger.info("resuming %s after epoch %d", out.name, start_epoch)

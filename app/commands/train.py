@@ -74,7 +74,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 
 def _logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
 
@@ -99,7 +100,9 @@ def train(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Scans per step.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed (python, numpy, torch, task draws).")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed (python, numpy, torch, task draws).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Skip unreadable scans / bad label rows (warn and count).")
@@ -148,21 +151,30 @@ def train(
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt of a run).")],
     data: Annotated[
-        str, typer.Argument(help="Run config / recipe YAML (its test split) or a DICOM folder with labels.csv.")
+        str,
+        typer.Argument(help="Run config / recipe YAML (its test split) or a DICOM folder with labels.csv."),
     ],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: CHECKPOINT dir/eval).")] = None,
-    split: Annotated[Split, typer.Option("--split", help="Split to evaluate (default: test; all for a folder).")] = Split.default,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Report folder (default: CHECKPOINT dir/eval).")
+    ] = None,
+    split: Annotated[
+        Split, typer.Option("--split", help="Split to evaluate (default: test; all for a folder).")
+    ] = Split.default,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for CIs.")] = 1000,
     target_sensitivity: Annotated[
         list[float] | None,
-        typer.Option("--target-sensitivity", help="Also pick the threshold reaching this sensitivity (repeatable)."),
+        typer.Option(
+            "--target-sensitivity", help="Also pick the threshold reaching this sensitivity (repeatable)."
+        ),
     ] = None,
     val_predictions: Annotated[
         Path | None, typer.Option("--val-predictions", help="Validation predictions CSV for thresholds.")
     ] = None,
     set_: SetOpt = None,
     device: DeviceOpt = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable scans (warn and count).")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip unreadable scans (warn and count).")
+    ] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="No ROC PNGs.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -186,7 +198,8 @@ def evaluate(
     means = {g: {m: v.value for m, v in ms.items()} for g, ms in res.result.means.items()}
     typer.echo(
         json.dumps(
-            {"report": str(res.files.markdown.name), "thresholds": res.thresholds.name, "means": means}, indent=2
+            {"report": str(res.files.markdown.name), "thresholds": res.thresholds.name, "means": means},
+            indent=2,
         )
     )
 
@@ -195,10 +208,12 @@ def baselines(
     recipe: RecipeArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per method).")],
     hyperct: Annotated[
-        Path | None, typer.Option("--hyperct", help="HyperCT checkpoint or run folder to include in the table.")
+        Path | None,
+        typer.Option("--hyperct", help="HyperCT checkpoint or run folder to include in the table."),
     ] = None,
     methods: Annotated[
-        list[str] | None, typer.Option("--methods", help="hps, stl (comma-separated or repeated; default both).")
+        list[str] | None,
+        typer.Option("--methods", help="hps, stl (comma-separated or repeated; default both)."),
     ] = None,
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for CIs.")] = 1000,
     set_: SetOpt = None,

@@ -91,9 +91,13 @@ def resolve_tasks(cfg: DataConfig, registry: TaskRegistry) -> list[str]:
     if cfg.kind == "synthetic":
         return tasks_for_findings(cfg.synthetic.findings, registry)
     found: set[str] = set()
-    key_columns = ("VolumeName",) if cfg.kind == "ctrate" else (cfg.key_column, "StudyInstanceUID", "AccessionNumber")
+    key_columns = (
+        ("VolumeName",) if cfg.kind == "ctrate" else (cfg.key_column, "StudyInstanceUID", "AccessionNumber")
+    )
     for path in (_labels_path(cfg), *map(Path, cfg.extra_labels)):
-        _, keys, _ = read_label_csv(path, registry, key_columns=key_columns, bad=BadData(skip=True), require_label=False)
+        _, keys, _ = read_label_csv(
+            path, registry, key_columns=key_columns, bad=BadData(skip=True), require_label=False
+        )
         found.update(keys)
     return [k for k in registry.keys if k in found]
 
@@ -121,9 +125,17 @@ def build_records(
         from training.data.ctrate import ctrate_records
 
         if not cfg.metadata:
-            raise DataError("data.metadata (the CT-RATE metadata CSV with rescale slope/intercept) is required")
+            raise DataError(
+                "data.metadata (the CT-RATE metadata CSV with rescale slope/intercept) is required"
+            )
         return ctrate_records(
-            cfg.root or "", _labels_path(cfg), cfg.metadata, registry, tasks, extra_labels=cfg.extra_labels, bad=bad
+            cfg.root or "",
+            _labels_path(cfg),
+            cfg.metadata,
+            registry,
+            tasks,
+            extra_labels=cfg.extra_labels,
+            bad=bad,
         )
     from training.data.dicom import dicom_records
 

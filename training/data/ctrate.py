@@ -29,7 +29,9 @@ from training.tasks import TaskRegistry
 
 logger = logging.getLogger(__name__)
 
-VOLUME_NAME = re.compile(r"^(?P<split>[A-Za-z]+)_(?P<patient>[A-Za-z0-9]+)_(?P<scan>[A-Za-z0-9]+)_(?P<recon>\d+)(?:\.nii(?:\.gz)?)?$")
+VOLUME_NAME = re.compile(
+    r"^(?P<split>[A-Za-z]+)_(?P<patient>[A-Za-z0-9]+)_(?P<scan>[A-Za-z0-9]+)_(?P<recon>\d+)(?:\.nii(?:\.gz)?)?$"
+)
 
 
 def ctrate_patient_id(volume_name: str) -> str:
@@ -82,7 +84,9 @@ def read_metadata(path: str | Path) -> dict[str, tuple[float, float, tuple[float
         need = ["volumename", "rescaleslope", "rescaleintercept"]
         missing = [n for n in need if n not in fields]
         if missing:
-            raise DataError(f"{file.name}: missing column(s) {', '.join(missing)} (header: {', '.join(fields.values())})")
+            raise DataError(
+                f"{file.name}: missing column(s) {', '.join(missing)} (header: {', '.join(fields.values())})"
+            )
         for n, row in enumerate(reader, start=1):
             name = (row[fields["volumename"]] or "").strip()
             slope, inter = _float(row[fields["rescaleslope"]]), _float(row[fields["rescaleintercept"]])
@@ -113,7 +117,10 @@ def ctrate_records(
     if not root.is_dir():
         raise DataError(f"CT-RATE volume folder {root.name!r} does not exist")
     _, _, rows = read_label_csv(labels, registry, key_columns=("VolumeName",), bad=bad)
-    extras = [read_label_csv(p, registry, key_columns=("VolumeName",), bad=bad, require_label=False)[2] for p in extra_labels]
+    extras = [
+        read_label_csv(p, registry, key_columns=("VolumeName",), bad=bad, require_label=False)[2]
+        for p in extra_labels
+    ]
     rows = merge_labels(rows, extras, bad)
     meta = read_metadata(metadata)
     index = _index_volumes(root)

@@ -127,7 +127,9 @@ def collate(items: Sequence[Sample | None]) -> Batch:
     good = [s for s in items if s is not None]
     dropped = len(items) - len(good)
     if not good:
-        return Batch(torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, 0), torch.zeros(0), dropped)
+        return Batch(
+            torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0, 0), torch.zeros(0), dropped
+        )
     images, mask = batch_pad(cast(Sequence[ModelInput], good))
     return Batch(
         images=torch.from_numpy(images),
@@ -161,7 +163,9 @@ def sample_tasks(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
 # Filling the cache up front (finds bad data before training starts, in parallel)
 
 
-def _compute(args: tuple[ScanRecord, PreprocessingConfig, tuple[int, int]]) -> tuple[CachedInput | None, str | None]:
+def _compute(
+    args: tuple[ScanRecord, PreprocessingConfig, tuple[int, int]],
+) -> tuple[CachedInput | None, str | None]:
     record, config, margin = args
     try:
         return preprocess_with_margin(record.source.load(), config, margin), None
@@ -217,5 +221,10 @@ def prepare(
         for r in todo:
             store(r, *_compute((r, preprocessing, margin)))
     if todo:
-        logger.info("cached %d scans (%d already cached, %d unreadable)", len(todo), len(records) - len(todo), len(failed))
+        logger.info(
+            "cached %d scans (%d already cached, %d unreadable)",
+            len(todo),
+            len(records) - len(todo),
+            len(failed),
+        )
     return [r for r in records if id(r) not in failed]

@@ -56,7 +56,10 @@ def dicom_records(
         raise DataError(f"DICOM folder {root.name!r} does not exist")
     selection = rules if isinstance(rules, SelectionRules) else SelectionRules.from_dict(rules or None)
     _, _, rows = read_label_csv(labels, registry, key_columns=(key_column,), bad=bad)
-    extras = [read_label_csv(p, registry, key_columns=(key_column,), bad=bad, require_label=False)[2] for p in extra_labels]
+    extras = [
+        read_label_csv(p, registry, key_columns=(key_column,), bad=bad, require_label=False)[2]
+        for p in extra_labels
+    ]
     rows = merge_labels(rows, extras, bad)
 
     by_study: dict[str, list[SeriesSummary]] = defaultdict(list)
@@ -95,5 +98,7 @@ def dicom_records(
             series_instance_uid=chosen.series_instance_uid,
         )
         records.append(ScanRecord(key, patient, label_vector(row.labels, tasks), src, row.where))
-    logger.info("DICOM: %d labelled studies with a selected series (of %d label rows)", len(records), len(rows))
+    logger.info(
+        "DICOM: %d labelled studies with a selected series (of %d label rows)", len(records), len(rows)
+    )
     return records

@@ -178,7 +178,8 @@ def read_label_csv(
                 continue
             try:
                 labels = {
-                    task: parse_label(cells[i], f"{where}, column {header[i]!r}") for i, task in task_cols.items()
+                    task: parse_label(cells[i], f"{where}, column {header[i]!r}")
+                    for i, task in task_cols.items()
                 }
             except DataError as exc:
                 bad.report(str(exc))

@@ -86,7 +86,9 @@ class DicomSeriesSource:
         return f"dicom:{self.study_instance_uid}:{self.series_instance_uid}:{len(self.files)}:{h.hexdigest()}"
 
     def describe(self) -> str:
-        return f"series {self.series_instance_uid} of study {self.study_instance_uid} ({len(self.files)} files)"
+        return (
+            f"series {self.series_instance_uid} of study {self.study_instance_uid} ({len(self.files)} files)"
+        )
 
     def load(self) -> Volume:
         return load_dicom_series(self.files)
@@ -105,4 +107,3 @@ class ScanRecord:
     @property
     def n_valid(self) -> int:
         return int(np.sum(self.labels != -1))
-

@@ -46,7 +46,9 @@ def split_patients(
             out[p] = s
         i += counts[s]
     logger.info(
-        "patient split (seed %d): %s", seed, ", ".join(f"{s} {sum(v == s for v in out.values())}" for s in SPLITS)
+        "patient split (seed %d): %s",
+        seed,
+        ", ".join(f"{s} {sum(v == s for v in out.values())}" for s in SPLITS),
     )
     return out
 
@@ -64,7 +66,9 @@ def read_split_file(path: str | Path) -> dict[str, str]:
         for n, row in enumerate(reader, start=1):
             split = (row[fields["split"]] or "").strip().lower()
             if split not in SPLITS:
-                raise DataError(f"{file.name}: row {n} (line {reader.line_num}): split {split!r} is not train/val/test")
+                raise DataError(
+                    f"{file.name}: row {n} (line {reader.line_num}): split {split!r} is not train/val/test"
+                )
             out[row[id_col].strip()] = split
     return out
 

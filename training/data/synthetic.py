@@ -38,7 +38,12 @@ logger = logging.getLogger(__name__)
 
 #: Findings the phantom plants that are large enough to survive 2.5 mm pixels / 2 mm slices and that
 #: the tiny backbone learns within the test budget (docs/training.md, "What the demo model learns").
-VISIBLE_FINDINGS: tuple[str, ...] = ("pleural_effusion", "consolidation", "cardiomegaly", "pericardial_effusion")
+VISIBLE_FINDINGS: tuple[str, ...] = (
+    "pleural_effusion",
+    "consolidation",
+    "cardiomegaly",
+    "pericardial_effusion",
+)
 
 MODEL_PIXEL_MM, MODEL_SLICE_MM = 2.5, 2.0
 MODEL_ROWS, MODEL_SLICES = 152, 171  # the default 144 x 165 window plus a few voxels for re-centring
@@ -157,7 +162,12 @@ def _geometry(rng: np.random.Generator, kind: str, pre: PreprocessingConfig | No
         if abs(sx - sy) > 1e-6:
             raise ValueError("synthetic 'model' geometry needs square pixels (spacing_mm x == y)")
         size = max(pre.image_size)
-        return {"pixel_mm": sx, "slice_mm": sz, "rows": size + MODEL_PAD[0], "slices": pre.n_slices + MODEL_PAD[1]}
+        return {
+            "pixel_mm": sx,
+            "slice_mm": sz,
+            "rows": size + MODEL_PAD[0],
+            "slices": pre.n_slices + MODEL_PAD[1],
+        }
     pixel = float(rng.choice([2.0, 2.25, 2.75, 3.0]))
     slice_mm = float(rng.choice([1.5, 2.5, 3.0]))
     fov, cover = 380.0, 350.0
@@ -184,7 +194,9 @@ def synthetic_records(
         raise DataError(f"synthetic data cannot label task(s) {', '.join(unknown)} (no CT-RATE column)")
     out = []
     for st in studies:
-        labels = {col_to_key[c]: float(v) for c, v in labels_for(list(st.findings)).items() if c in col_to_key}
+        labels = {
+            col_to_key[c]: float(v) for c, v in labels_for(list(st.findings)).items() if c in col_to_key
+        }
         out.append(ScanRecord(st.key, st.patient_id, label_vector(labels, tasks), st, f"synthetic {st.key}"))
     return out
 
