@@ -1,0 +1,259 @@
+"""``hyperct serve``: receiver, scheduler, worker, outbox and health endpoint in one process.
+
+Threads: the pynetdicom server (one thread per association), the outbox, the health server; the
+**worker runs in the main thread**, because Holoscan applications expect to be run from it and
+because a pipeline run is the one thing that may take long. SIGTERM/SIGINT stop the receiver
+first (no new instances; peers re-send anything not acknowledged), let the running job finish
+(its result is recorded, or it is re-queued at the next start if the process is killed), let the
+outbox finish its current batch, then close the database. Nothing acknowledged is ever lost,
+because everything acknowledged is already durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.node.config import NodeConfig
+from app.node.health import HealthServer, prometheus_text
+from app.node.outbox import Outbox
+from app.node.recovery import RecoveryReport, recover
+from app.node.scheduler import Scheduler
+from app.node.spool import Spool
+from app.node.state import State
+from app.node.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+def tls_config(settings: Any) -> Any:
+    from operators.dicom_network import TlsConfig
+
+    if not settings.enabled and not settings.ca:
+        return None
+    return TlsConfig(
+        certificate=Path(settings.certificate) if settings.certificate else None,
+        key=Path(settings.key) if settings.key else None,
+        ca=Path(settings.ca) if settings.ca else None,
+        require_client_cert=settings.require_client_cert,
+    )
+
+
+class NodeService:
+    """The node; ``serve_forever()`` is ``hyperct serve``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        runner_factory: Callable[[Path], Any] | None = None,
+        process: Callable[..., list[dict[str, Any]]] | None = None,
+    ) -> None:
+        self.config = config
+        self.data_dir = config.data_path
+        self._runner_factory = runner_factory
+        self._process = process
+        self.stop_event = threading.Event()
+        self.heartbeat = time.monotonic()
+        self.recovery: RecoveryReport | None = None
+        self._threads: list[threading.Thread] = []
+        self.receiver: Any = None
+        self.health: HealthServer | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        from operators.dicom_receiver import DicomReceiver, ReceiverOptions, parse_callers
+        from operators.dicom_sender import RetryPolicy
+
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state = State(self.data_dir / "state.sqlite")
+        self.spool = Spool(self.data_dir / "spool")
+        self.recovery = recover(self.state, self.spool, late_policy=cfg.completion.late_arrivals)
+        self.scheduler = Scheduler(self.state, cfg.completion.quiet_period_s)
+        r = cfg.outbox.retry
+        self.outbox = Outbox(
+            self.state,
+            self.data_dir,
+            RetryPolicy(r.max_attempts, r.initial_delay_s, r.factor, r.max_delay_s),
+            calling_ae=cfg.outbox.calling_ae,
+            timeout_s=cfg.outbox.timeout_s,
+            tls=tls_config(cfg.outbox.tls),
+        )
+        rc = cfg.receiver
+        self.receiver = DicomReceiver(
+            ReceiverOptions(
+                ae_title=rc.ae_title,
+                bind=rc.bind,
+                port=rc.port,
+                allowed_callers=parse_callers(rc.allowed_callers),
+                accept_any_caller=rc.accept_any_caller,
+                max_pdu=rc.max_pdu,
+                max_associations=rc.max_associations,
+                late_policy=cfg.completion.late_arrivals,
+                tls=tls_config(rc.tls),
+            ),
+            self.spool,
+            self.state,
+        )
+        if not rc.allowed_callers and not rc.accept_any_caller:
+            logger.warning("receiver.allowed_callers is empty: every association will be rejected")
+        self.receiver.start()
+        self._spawn("outbox", self.outbox.run, self.stop_event, cfg.outbox.poll_interval_s)
+        if cfg.health.port:
+            self.health = HealthServer(
+                cfg.health.bind, cfg.health.port, live=self.live, ready=self.ready, metrics=self.metrics
+            )
+            self.health.start()
+        # The receiver is up first (durable receive needs no model); then the pipeline is imported
+        # and the model loaded once, so the first study does not pay for it.
+        from app.config import AppConfig
+
+        app_config = AppConfig.load(Path(cfg.worker.app_config) if cfg.worker.app_config else None)
+        self.worker = Worker(
+            self.state,
+            self.data_dir,
+            Path(cfg.worker.model),
+            destinations=list(cfg.outbox.destinations),
+            app_config=app_config,
+            max_attempts=cfg.worker.max_job_attempts,
+            runner_factory=self._runner_factory,
+            process=self._process,
+        )
+        import app.app  # noqa: F401 - MONAI/Holoscan imports take seconds; pay them now
+
+        _ = self.worker.runner
+        logger.info("node started (data in %s)", self.data_dir)
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # -- health -----------------------------------------------------------------------------------
+    def live(self) -> bool:
+        """The main loop ticked within 2 poll intervals, or is inside a job (which may take minutes)."""
+        worker = getattr(self, "worker", None)
+        busy = worker is None or worker.busy_since is not None  # starting up, or inside a job
+        return busy or time.monotonic() - self.heartbeat < max(
+            10.0, 4 * self.config.completion.poll_interval_s
+        )
+
+    def ready(self) -> bool:
+        try:
+            self.state.query("SELECT 1")
+        except Exception:  # noqa: BLE001
+            return False
+        return self.receiver is not None and self.receiver.running and not self.stop_event.is_set()
+
+    def metrics(self) -> str:
+        return prometheus_text(self.state.counts(), dict(self.receiver.counters))
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Complete quiet studies and run jobs until asked to stop."""
+        next_housekeeping = 0.0
+        poll = self.config.completion.poll_interval_s
+        while not self.stop_event.is_set():
+            self.heartbeat = time.monotonic()
+            self.scheduler.tick()
+            job = self.worker.run_next()
+            if self.heartbeat >= next_housekeeping:
+                self.housekeeping()
+                next_housekeeping = self.heartbeat + HOUSEKEEPING_INTERVAL_S
+            if job is None:
+                self.stop_event.wait(poll)
+
+    def housekeeping(self, now: float | None = None) -> int:
+        """Spool retention: remove the instances of delivered studies (delete, or keep N days)."""
+        now = time.time() if now is None else now
+        sp = self.config.spool
+        if sp.retention == "keep" and sp.keep_days <= 0:
+            return 0
+        age = 0.0 if sp.retention == "delete" else sp.keep_days * 86400.0
+        removed = 0
+        for study in self.state.query(
+            "SELECT study_uid FROM studies WHERE state='done' AND updated_at<=?", (now - age,)
+        ):
+            folder = self.spool.study_dir(study["study_uid"])
+            if folder.exists():
+                self.spool.remove_study(study["study_uid"])
+                removed += 1
+                logger.info("spool of study %s removed (retention %s)", study["study_uid"], sp.retention)
+        return removed
+
+    def request_stop(self, *_: Any) -> None:
+        if not self.stop_event.is_set():
+            logger.info("stop requested: no new associations; finishing the current job and batch")
+        self.stop_event.set()
+        if self.receiver is not None:
+            threading.Thread(target=self.receiver.stop, name="receiver-stop", daemon=True).start()
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        if self.receiver is not None:
+            self.receiver.stop()
+        for t in self._threads:
+            t.join(timeout=max(60.0, self.config.outbox.timeout_s * 2))
+        if self.health is not None:
+            self.health.stop()
+        self.state.close()
+        logger.info("node stopped")
+
+    def _take_back(self) -> None:
+        """A pipeline run replaces our signal handlers (Holoscan) and our logging set-up (the MONAI
+        Deploy application configures the root logger): take both back after each run."""
+        _install_signal_handlers(self.request_stop)
+        configure_logging(self.config.logging.level, self.config.logging.json)
+
+    def serve_forever(self) -> None:
+        _install_signal_handlers(self.request_stop)
+        self.start()
+        self.worker.after_run = self._take_back
+        try:
+            self.run()
+        finally:
+            self.shutdown()
+
+
+def _install_signal_handlers(handler: Callable[..., None]) -> None:
+    """SIGTERM/SIGINT → graceful stop. While a pipeline runs, Holoscan's own handlers replace ours
+    (process-wide, no API to opt out): a signal then stops the graph and Holoscan ends the process
+    itself. The state is consistent either way (docs/node.md, "SIGTERM")."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; messages carry UIDs only (the node never logs patient names)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))

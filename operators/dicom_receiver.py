@@ -1,0 +1,323 @@
+"""The node's C-STORE / C-ECHO SCP (pynetdicom): small handlers with explicit status codes.
+
+Why each rule:
+
+* **Durable before success.** 0x0000 goes back only after the instance is in the spool (temp file,
+  fsync, rename, fsync of the folder) *and* its row is committed in SQLite (synchronous=FULL). A
+  sender that got success may delete its copy; a crash, even a power loss, must not lose it. When
+  anything on that path fails the answer is 0xA700 (out of resources), never success, and nothing
+  is recorded: the sender keeps the instance and retries.
+* **Raw bytes.** The dataset is written as it arrived (``event.encoded_dataset()``), never decoded
+  and re-encoded: faster, and the stored file is byte-for-byte what the PACS sent. Only the header
+  is parsed (no pixels) to learn the study, patient and kind.
+* **No loops, no mixing.** Only CT images trigger processing; the node's own SR/SEG (recognised by
+  :func:`operators.uids.is_own_output`) and any other SR/SEG are stored but never trigger. The
+  state quarantines a study whose instances disagree on PatientID/issuer.
+* **Allow-list at association.** Unknown calling AEs (and, when configured, known AEs from another
+  host) are rejected with A-ASSOCIATE-RJ "calling AE title not recognised" before any data flows.
+* **One bad instance fails alone.** An instance that cannot be parsed gets 0xC210 (cannot
+  understand); the association and the rest of the study go on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydicom import dcmread
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from operators.dicom_network import TlsConfig, enable_tcp_nodelay
+from operators.uids import is_own_output
+
+if TYPE_CHECKING:
+    from app.node.spool import Spool
+    from app.node.state import State
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 Annex B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+#: The SOP Instance UID already belongs to another study: refused, the first one stays.
+UID_CONFLICT = 0xC212
+
+#: Storage SOP classes a chest CT study brings (plus results and dose reports that travel with it).
+STORAGE_SOP_CLASSES: dict[str, str] = {
+    "CT Image": CTImageStorage,
+    "Enhanced CT Image": EnhancedCTImageStorage,
+    "Legacy Converted Enhanced CT Image": "1.2.840.10008.5.1.4.1.1.2.2",
+    "Secondary Capture Image": "1.2.840.10008.5.1.4.1.1.7",
+    "Multi-frame Grayscale Word Secondary Capture": "1.2.840.10008.5.1.4.1.1.7.3",
+    "Multi-frame True Color Secondary Capture": "1.2.840.10008.5.1.4.1.1.7.4",
+    "Basic Text SR": "1.2.840.10008.5.1.4.1.1.88.11",
+    "Enhanced SR": "1.2.840.10008.5.1.4.1.1.88.22",
+    "Comprehensive SR": "1.2.840.10008.5.1.4.1.1.88.33",
+    "Comprehensive 3D SR": "1.2.840.10008.5.1.4.1.1.88.34",
+    "X-Ray Radiation Dose SR": "1.2.840.10008.5.1.4.1.1.88.67",
+    "Key Object Selection": "1.2.840.10008.5.1.4.1.1.88.59",
+    "Segmentation": "1.2.840.10008.5.1.4.1.1.66.4",
+    "Grayscale Softcopy Presentation State": "1.2.840.10008.5.1.4.1.1.11.1",
+    "Encapsulated PDF": "1.2.840.10008.5.1.4.1.1.104.1",
+}
+#: Uncompressed first (preferred when a peer proposes several), then the common compressed ones.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+#: Only these SOP classes can start processing (and only when not our own output).
+TRIGGER_SOP_CLASSES = frozenset({CTImageStorage, EnhancedCTImageStorage, "1.2.840.10008.5.1.4.1.1.2.2"})
+_HEADER_TAGS = (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "PatientID",
+    "IssuerOfPatientID", "Manufacturer", "ManufacturerDeviceClassUID", "DeviceUID", "ContentSequence",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """One allow-list entry: ``AE`` (from any host) or ``AE@host``."""
+
+    ae_title: str
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedCaller:
+        ae, _, host = text.partition("@")
+        return cls(ae.strip(), host.strip() or None)
+
+    def matches(self, ae_title: str, host: str) -> bool:
+        return ae_title.strip() == self.ae_title and (self.host is None or self.host == host)
+
+
+@dataclass(frozen=True)
+class ReceiverOptions:
+    ae_title: str = "HYPERCT"
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    accept_any_caller: bool = False
+    max_pdu: int = 131072
+    max_associations: int = 16
+    late_policy: str = "reprocess"
+    tls: TlsConfig | None = None
+
+
+class StoreHandler:
+    """``EVT_C_STORE``: spool durably, commit the row, then answer; see the module docstring."""
+
+    def __init__(self, spool: Spool, state: State, *, late_policy: str = "reprocess",
+                 counters: Counter | None = None) -> None:  # fmt: skip
+        self.spool = spool
+        self.state = state
+        self.late_policy = late_policy
+        self.counters = counters if counters is not None else Counter()
+
+    def __call__(self, event: evt.Event) -> int:
+        calling_ae = event.assoc.requestor.ae_title.strip()
+        request_uid = str(event.request.AffectedSOPInstanceUID)
+        try:
+            raw = event.encoded_dataset(include_meta=True)
+            header = read_header(raw)
+            record_fields = describe_instance(header, str(event.context.transfer_syntax), calling_ae)
+            study_uid, sop_uid = record_fields["study_uid"], record_fields["sop_uid"]
+            if sop_uid != request_uid:
+                raise ValueError(f"dataset SOPInstanceUID {sop_uid} differs from the request's {request_uid}")
+            self.spool.path_for(study_uid, sop_uid)  # validates both UIDs before anything is written
+        except Exception as exc:  # noqa: BLE001 - any parse problem is this instance's failure only
+            self.counters["instances_failed"] += 1
+            logger.warning("instance %s from %s not understood: %s", request_uid, calling_ae, exc)
+            _try(self.state.add_error, "receive", f"cannot understand instance: {exc}", None, request_uid)
+            return CANNOT_UNDERSTAND
+        try:
+            spooled = self.spool.write(study_uid, sop_uid, raw)
+        except Exception as exc:  # noqa: BLE001 - disk full, I/O error, permission: never success
+            self.counters["instances_failed"] += 1
+            logger.error("cannot spool %s of study %s: %s", sop_uid, study_uid, exc)
+            _try(self.state.add_error, "spool", f"cannot write instance: {exc}", study_uid, sop_uid)
+            return OUT_OF_RESOURCES
+        from app.node.state import InstanceRecord
+
+        record = InstanceRecord(
+            **record_fields, path=spooled.relpath, size=spooled.size, sha256=spooled.sha256
+        )
+        try:
+            result = self.state.record_instance(record, late_policy=self.late_policy)
+        except Exception as exc:  # noqa: BLE001 - database full or broken: never success
+            self.counters["instances_failed"] += 1
+            if _try_lookup(self.state, sop_uid) is False:  # keep an older acknowledged copy
+                self.spool.remove(spooled.path)
+            logger.error("cannot record %s of study %s: %s", sop_uid, study_uid, exc)
+            return OUT_OF_RESOURCES
+        if result.status == "conflict":
+            self.counters["instances_failed"] += 1
+            self.spool.remove(spooled.path)
+            logger.error("%s", result.message)
+            return UID_CONFLICT
+        self.counters["instances_received"] += 1
+        self.counters[f"instances_{result.status}"] += 1
+        logger.debug("stored %s (%s) of study %s from %s", sop_uid, result.status, study_uid, calling_ae)
+        return SUCCESS
+
+
+def read_header(source: Any) -> Any:
+    """The header of an encoded instance (bytes or a path), without pixel data."""
+    if isinstance(source, bytes | bytearray):
+        source = io.BytesIO(source)
+    return dcmread(source, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+
+
+def describe_instance(header: Any, transfer_syntax: str, calling_ae: str) -> dict[str, Any]:
+    """The identity and kind of an instance, for the state (raises if the UIDs are missing)."""
+    sop_class = str(header.get("SOPClassUID", ""))
+    own = is_own_output(header)
+    modality = str(header.get("Modality", ""))
+    return {
+        "study_uid": str(header.StudyInstanceUID),
+        "sop_uid": str(header.SOPInstanceUID),
+        "series_uid": str(header.get("SeriesInstanceUID", "")),
+        "sop_class_uid": sop_class,
+        "modality": modality,
+        "transfer_syntax": transfer_syntax,
+        "patient_id": str(header.get("PatientID", "")),
+        "issuer": str(header.get("IssuerOfPatientID", "")),
+        "triggers": sop_class in TRIGGER_SOP_CLASSES and not own and modality == "CT",
+        "own_output": own,
+        "calling_ae": calling_ae,
+    }
+
+
+def _try_lookup(state: State, sop_uid: str) -> bool | None:
+    """Whether the state has a row for ``sop_uid`` (None when the database cannot answer)."""
+    try:
+        return state.instance(sop_uid) is not None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _try(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - recording an error must not hide the original one
+        logger.exception("could not record an error")
+
+
+class DicomReceiver:
+    """The SCP: start/stop a pynetdicom server with our contexts, allow-list and handlers."""
+
+    def __init__(self, options: ReceiverOptions, spool: Spool, state: State,
+                 store_handler: Callable[[evt.Event], int] | None = None) -> None:  # fmt: skip
+        self.options = options
+        self.counters: Counter = Counter()
+        self.store_handler = store_handler or StoreHandler(
+            spool, state, late_policy=options.late_policy, counters=self.counters
+        )
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    # -- handlers ---------------------------------------------------------------------------------
+    def handle_requested(self, event: evt.Event) -> None:
+        """Reject unknown calling AEs (or known AEs from the wrong host) before negotiation."""
+        primitive = event.assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip()
+        host = str(event.assoc.requestor.address)
+        if self.options.accept_any_caller or any(
+            c.matches(calling, host) for c in self.options.allowed_callers
+        ):
+            return
+        self.counters["associations_rejected"] += 1
+        logger.warning("association from %r at %s rejected: calling AE not in the allow-list", calling, host)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE unknown
+        event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ (as pynetdicom's own checks do)
+
+    @staticmethod
+    def handle_echo(event: evt.Event) -> int:
+        return SUCCESS
+
+    def _store(self, event: evt.Event) -> int:
+        return self.store_handler(event)
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def make_ae(self) -> AE:
+        ae = AE(ae_title=self.options.ae_title)
+        ae.maximum_pdu_size = self.options.max_pdu
+        ae.maximum_associations = self.options.max_associations
+        ae.require_called_aet = True
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
+        for sop_class in STORAGE_SOP_CLASSES.values():
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification)
+        return ae
+
+    def start(self) -> None:
+        enable_tcp_nodelay()
+        handlers = [
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self._store),
+        ]
+        ssl_context = self.options.tls.server_context() if self.options.tls is not None else None
+        self._server = self.make_ae().start_server(
+            (self.options.bind, self.options.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+        )
+        logger.info(
+            "receiver %s listening on %s:%d%s", self.options.ae_title, self.options.bind, self.port,
+            " (TLS)" if ssl_context else "",
+        )  # fmt: skip
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1]) if self._server is not None else self.options.port
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def stop(self) -> None:
+        """Stop accepting; associations in progress are aborted (their unacknowledged instances are
+        re-sent by the peer, nothing acknowledged is lost)."""
+        with self._lock:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None
+
+
+def parse_callers(entries: Sequence[str]) -> tuple[AllowedCaller, ...]:
+    return tuple(AllowedCaller.parse(e) for e in entries)

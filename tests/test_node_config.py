@@ -1,0 +1,223 @@
+"""Node configuration (file < environment < command line), the serve/jobs CLIs, TLS on the receiver,
+spool retention, and the outbox classification — without a model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pydicom import dcmread
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.node.config import NodeConfig
+from app.node.outbox import Outbox
+from app.node.service import NodeService
+from app.node.spool import Spool
+from app.node.state import InstanceRecord, State
+from operators.dicom_network import RemoteNode, TlsConfig
+from operators.dicom_receiver import DicomReceiver, ReceiverOptions, parse_callers
+from operators.dicom_sender import RetryPolicy, send_files
+from tests.dicom_fixtures import ct_series, write_series
+from tests.node_fixtures import SCU_AE
+from tests.peers import LOOPBACK, free_port, make_tls_files
+
+
+def test_file_then_environment_then_cli(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "series-selection": {"min-slices": 10},  # other sections of app.yaml are left alone
+                "node": {
+                    "data-dir": "d",
+                    "receiver": {"port": 1000, "allowed-callers": ["A", "B@127.0.0.1"]},
+                    "completion": {"quiet-period-s": 5},
+                    "outbox": {"destinations": ["PACS@127.0.0.1:104"], "retry": {"max-attempts": 3}},
+                },
+            }
+        )
+    )
+    env = {"HYPERCT_NODE_RECEIVER_PORT": "2000", "HYPERCT_NODE_OUTBOX_RETRY_INITIAL_DELAY_S": "1.5",
+           "HYPERCT_NODE_COMPLETION_LATE_ARRIVALS": "ignore"}  # fmt: skip
+    cfg = NodeConfig.load(path, environ=env, overrides={"receiver.port": 3000, "receiver.ae_title": None})
+    assert cfg.receiver.port == 3000
+    assert cfg.receiver.ae_title == "HYPERCT"
+    assert cfg.receiver.allowed_callers == ["A", "B@127.0.0.1"]
+    assert cfg.completion.quiet_period_s == 5.0 and cfg.completion.late_arrivals == "ignore"
+    assert cfg.outbox.retry.max_attempts == 3 and cfg.outbox.retry.initial_delay_s == 1.5
+    assert NodeConfig.load(path, environ=env).receiver.port == 2000
+    assert NodeConfig.load(None, environ={}).completion.quiet_period_s == 30.0  # the documented default
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"node": {"reciever": {}}}, "unknown key 'reciever'"),
+        ({"node": {"receiver": {"prot": 1}}}, "unknown key 'prot'"),
+        ({"node": {"completion": {"late-arrivals": "maybe"}}}, "reprocess or ignore"),
+        ({"node": {"outbox": {"destinations": ["nowhere"]}}}, "AE@host:port"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(tmp_path: Path, data: dict, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=message):
+        NodeConfig.load(path, environ={})
+    with pytest.raises(ValueError, match="unknown setting"):
+        NodeConfig.load(None, environ={"HYPERCT_NODE_RECEIVER_NOPE": "1"})
+
+
+def test_serve_help_explains_every_option_and_prints_config(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 0
+    for option in ("--config", "--data-dir", "--ae-title", "--bind", "--port", "--allow", "--model", "--destination",
+                   "--quiet-period", "--late-arrivals", "--retention", "--health-port", "--log-json"):  # fmt: skip
+        assert option in result.output
+    assert "setting receiver.port" in result.output
+    printed = CliRunner().invoke(cli, ["serve", "--print-config", "--port", "4321", "-d", "P@127.0.0.1:5"])
+    assert printed.exit_code == 0, printed.output
+    node = yaml.safe_load(printed.output)["node"]
+    assert node["receiver"]["port"] == 4321 and node["outbox"]["destinations"] == ["P@127.0.0.1:5"]
+    bad = CliRunner().invoke(cli, ["serve", "--late-arrivals", "sometimes"])
+    assert bad.exit_code == 2 and "reprocess or ignore" in bad.output
+
+
+def test_tls_receiver_with_mutual_authentication(tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    series = ct_series(n_slices=2, seed=4)
+    files = write_series(tmp_path / "series", series.datasets)
+    spool, state = Spool(tmp_path / "spool"), State(tmp_path / "state.sqlite")
+    server_tls = TlsConfig(tls.server_cert, tls.server_key, tls.ca, require_client_cert=True)
+    rx = DicomReceiver(
+        ReceiverOptions(port=free_port(), allowed_callers=parse_callers([SCU_AE]), tls=server_tls),
+        spool,
+        state,
+    )
+    rx.start()
+    try:
+        with_cert = RemoteNode(
+            "HYPERCT", "localhost", rx.port, tls=TlsConfig(tls.client_cert, tls.client_key, tls.ca)
+        )
+        report = send_files(with_cert, files, calling_ae=SCU_AE, timeout_s=10)
+        assert report.ok, report.error
+        without_cert = RemoteNode("HYPERCT", "localhost", rx.port, tls=TlsConfig(ca=tls.ca))
+        refused = send_files(without_cert, files, calling_ae=SCU_AE, timeout_s=10)
+        assert not refused.ok
+        plain = send_files(RemoteNode("HYPERCT", LOOPBACK, rx.port), files, calling_ae=SCU_AE, timeout_s=10)
+        assert not plain.ok
+    finally:
+        rx.stop()
+    assert state.query("SELECT COUNT(*) FROM instances")[0][0] == 2
+    state.close()
+
+
+def _record(state: State, spool: Spool, study: str, sop: str) -> None:
+    f = spool.write(study, sop, b"x")
+    state.record_instance(
+        InstanceRecord(
+            study,
+            sop,
+            "1.2",
+            "1.2.840.10008.5.1.4.1.1.2",
+            "CT",
+            "1.2.840.10008.1.2.1",
+            "P",
+            "",
+            True,
+            False,
+            f.relpath,
+            f.size,
+            f.sha256,
+            "A",
+        )  # fmt: skip
+    )
+
+
+@pytest.mark.parametrize(
+    ("retention", "keep_days", "removed"), [("delete", 7.0, 1), ("keep", 7.0, 0), ("keep", 0.0, 0)]
+)
+def test_spool_retention(tmp_path: Path, retention: str, keep_days: float, removed: int) -> None:
+    cfg = NodeConfig.load(None, environ={}, overrides={"data_dir": str(tmp_path), "spool.retention": retention,
+                                                       "spool.keep_days": keep_days})  # fmt: skip
+    service = NodeService(cfg)
+    service.state, service.spool = State(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    _record(service.state, service.spool, "1.2.3", "1.2.3.4")
+    (job,) = service.state.complete_quiet_studies(0.0, now=time.time() + 1)
+    claimed = service.state.claim_job()
+    assert claimed is not None and claimed.id == job
+    service.state.finish_job(claimed, "processed", "", "results/1", [], [])
+    assert service.housekeeping() == removed
+    assert (tmp_path / "spool" / "1.2.3").exists() == (removed == 0)
+    if retention == "keep" and keep_days:
+        assert service.housekeeping(now=time.time() + keep_days * 86400 + 1) == 1  # after N days
+    service.state.close()
+
+
+def test_outbox_retries_transient_and_fails_permanent_errors(tmp_path: Path) -> None:
+    """Against a fake sender: transient errors back off, permanent ones and exhausted attempts fail."""
+    from operators.dicom_sender import FileResult, SendReport, TransientSendError
+
+    state, spool = State(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    _record(state, spool, "1.2.3", "1.2.3.4")
+    state.complete_quiet_studies(0.0, now=time.time() + 1)
+    job = state.claim_job()
+    assert job is not None
+    series = ct_series(n_slices=1, seed=2)
+    (result_file,) = write_series(tmp_path / "results", series.datasets)
+    sop = str(dcmread(result_file).SOPInstanceUID)
+    state.finish_job(
+        job, "processed", "", "results", [(sop, "results/CT0000.dcm")], ["A@127.0.0.1:1", "B@127.0.0.1:2"]
+    )
+    calls: list[str] = []
+
+    def sender(node: RemoteNode, paths: list[Path], **_: object) -> SendReport:
+        calls.append(node.ae_title)
+        transient = node.ae_title == "A"
+        err = TransientSendError("refused") if transient else None
+        results = tuple(
+            FileResult(p, sop, None, None, None if transient else 0xC000, "x", transient) for p in paths
+        )
+        return SendReport(node, results, err)
+
+    outbox = Outbox(
+        state, tmp_path, RetryPolicy(max_attempts=2, initial_delay_s=100, factor=2), sender=sender
+    )
+    assert outbox.run_once() == 2
+    rows = {r["destination"]: dict(r) for r in state.query("SELECT * FROM outbox")}
+    assert rows["B@127.0.0.1:2"]["state"] == "failed"  # a failure status is permanent
+    assert (
+        rows["A@127.0.0.1:1"]["state"] == "pending"
+        and rows["A@127.0.0.1:1"]["next_attempt_at"] > time.time() + 90
+    )
+    assert outbox.run_once() == 0  # not due yet
+    assert outbox.run_once(now=time.time() + 101) == 1
+    assert (
+        state.query("SELECT state FROM outbox WHERE destination='A@127.0.0.1:1'")[0][0] == "failed"
+    )  # exhausted
+    assert state.studies()[0]["state"] == "failed"
+    assert calls == ["A", "B", "A"]
+    state.close()
+
+
+def test_jobs_purge_forgets_finished_studies_and_their_files(tmp_path: Path) -> None:
+    state, spool = State(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    _record(state, spool, "1.2.3", "1.2.3.4")
+    _record(state, spool, "1.2.5", "1.2.5.6")
+    state.complete_quiet_studies(0.0, now=time.time() + 1)
+    job = state.claim_job()
+    assert job is not None and job.study_uid == "1.2.3"
+    (tmp_path / "results" / str(job.id)).mkdir(parents=True)
+    state.finish_job(job, "processed", "", f"results/{job.id}", [], [])
+    state.close()
+    config = ["--data-dir", str(tmp_path)]
+    kept = CliRunner().invoke(cli, ["jobs", "purge", *config])  # finished less than 30 days ago: kept
+    assert kept.exit_code == 0 and "purged 0" in kept.output
+    purged = CliRunner().invoke(cli, ["jobs", "purge", *config, "--older-than-days", "0"])
+    assert purged.exit_code == 0 and "purged 1" in purged.output, purged.output
+    assert not (tmp_path / "spool" / "1.2.3").exists() and not (tmp_path / "results" / str(job.id)).exists()
+    assert (tmp_path / "spool" / "1.2.5").exists()  # still queued: untouched
+    listing = CliRunner().invoke(cli, ["jobs", "list", *config, "--json"])
+    assert [j["study_uid"] for j in __import__("json").loads(listing.output)] == ["1.2.5"]
