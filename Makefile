@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup peers demo test test-gpu lint lock clean
+.PHONY: help setup peers demo test test-gpu lint lock clean map
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -45,6 +45,11 @@ test: setup peers  ## Run the whole test suite (unit + real peers)
 
 test-gpu: setup  ## Run only the GPU tests (on a host with a CUDA GPU and the gpu extra)
 	$(BIN)/python -m pytest -m gpu
+
+MODELS  ?= models/hyperct
+VARIANT ?= cpu
+map: setup  ## Package the MAP (MODELS=models/hyperct VARIANT=cpu|gpu); no Docker: build context in dist/
+	$(BIN)/python packaging/build_map.py --models $(MODELS) --variant $(VARIANT)
 
 lint: setup  ## ruff + mypy
 	$(BIN)/ruff check app operators training tests benchmarks
