@@ -9,6 +9,7 @@ are not rebuilt for every study.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,18 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
 from app.config import AppConfig
-from operators.dicom_writer import DicomResultWriterOperator
-from operators.hyperct_inference import HyperCTInferenceOperator
+from operators.dicom_writer import DicomResultWriterOperator, write_case_dicom
+from operators.hyperct_inference import HyperCTInferenceOperator, infer_case
 from operators.model_runner import HyperCTRunner
 from operators.onnx_model import register_hyperct_model
 from operators.preprocessing import PreprocessingConfig
-from operators.preprocessor import PreprocessOperator
-from operators.results_writer import ResultsWriterOperator
-from operators.series_selector import SeriesSelectorOperator
+from operators.preprocessor import PreprocessOperator, preprocess_case
+from operators.results import ModelInfo
+from operators.results_writer import ResultsWriterOperator, finish_case
+from operators.series_selector import SeriesSelectorOperator, select_case_series
+from operators.study_case import StudyCase
 from operators.study_loader import StudyLoaderOperator
-from operators.volume_loader import VolumeLoaderOperator
+from operators.volume_loader import VolumeLoaderOperator, load_case_volume
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,42 @@ class HyperCTApp(Application):
         return out
 
 
+def _run_stages(case: StudyCase, stages: tuple[tuple[str, Callable[[], None]], ...]) -> StudyCase:
+    """Each stage on an active case, timed, failing only this case (as ``CaseStageOperator`` does)."""
+    for name, work in stages:
+        if case.active:
+            with case.stage(name):
+                work()
+    return case
+
+
+def prepare_case(case: StudyCase, config: AppConfig, preprocessing: PreprocessingConfig) -> StudyCase:
+    """The CPU-side stages before the model (selection, volume, preprocessing) on one loaded study.
+
+    Hooks for ``hyperct process``, which runs the graph's stages as a pipeline over many studies
+    (next studies load while this one is inferred and the previous one written): the operators'
+    own stage functions and stage names, without a graph per study.
+    """
+    return _run_stages(
+        case,
+        (
+            (SeriesSelectorOperator.stage, lambda: select_case_series(case, config.selection)),
+            (VolumeLoaderOperator.stage, lambda: load_case_volume(case, config.volume_checks)),
+            (PreprocessOperator.stage, lambda: preprocess_case(case, preprocessing)),
+        ),
+    )
+
+
+def infer_prepared_case(case: StudyCase, runner: HyperCTRunner, model: ModelInfo) -> StudyCase:
+    """The inference stage of a prepared case."""
+    return _run_stages(case, ((HyperCTInferenceOperator.stage, lambda: infer_case(case, runner, model)),))
+
+
+def write_case_results(case: StudyCase, config: AppConfig) -> dict[str, Any]:
+    """DICOM writers and ``results.json`` of an inferred case; its outcome record."""
+    _run_stages(case, ((DicomResultWriterOperator.stage, lambda: write_case_dicom(case, config.outputs)),))
+    finish_case(case)
+    return case.summary()
 
 
 def process_folder(

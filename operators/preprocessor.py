@@ -19,6 +19,13 @@ from operators.study_case import Outcome, StudyCase
 logger = logging.getLogger(__name__)
 
 
+def preprocess_case(case: StudyCase, config: PreprocessingConfig) -> None:
+    """Fill ``case.model_input`` or stop the case when nothing lies inside the body window."""
+    case.model_input = preprocess(case.volume, config)
+    if not bool(case.model_input.mask.any()):
+        case.stop(Outcome.NOT_PROCESSED, "preprocessing left no image inside the body window")
+
+
 class PreprocessOperator(CaseStageOperator):
     """``cases`` → ``cases`` with ``model_input`` ([N, 3, 144, 144] images, mask, transform back)."""
 
@@ -29,6 +36,4 @@ class PreprocessOperator(CaseStageOperator):
         super().__init__(fragment, *args, **kwargs)
 
     def process(self, case: StudyCase) -> None:
-        case.model_input = preprocess(case.volume, self.config)
-        if not bool(case.model_input.mask.any()):
-            case.stop(Outcome.NOT_PROCESSED, "preprocessing left no image inside the body window")
+        preprocess_case(case, self.config)

@@ -70,15 +70,7 @@ class StudyLoaderOperator(DICOMDataLoaderOperator):
         files: list[str] = []
         self._list_files(str(folder), files)
         studies = self._load_data(sorted(files))
-        cases = []
-        for study in studies:
-            case = StudyCase(study_instance_uid=study.StudyInstanceUID, output_folder=self.output_folder, study=study)
-            first = next((i for s in study.get_all_series() for i in s.get_sop_instances()), None)
-            if first is not None:
-                ds = first.get_native_sop_instance()
-                case.patient_id = str(ds.get("PatientID", ""))
-                case.accession_number = str(ds.get("AccessionNumber", ""))
-            cases.append(case)
+        cases = cases_from_studies(studies, self.output_folder)
         if not cases:
             case = StudyCase(study_instance_uid="", output_folder=self.output_folder)
             detail = f" ({len(self.skipped)} files skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
@@ -89,23 +81,47 @@ class StudyLoaderOperator(DICOMDataLoaderOperator):
 
     def _load_data(self, files: list[str]) -> list[DICOMStudy]:
         """Group readable instances into studies and series (SDK domain objects)."""
-        studies: dict[str, DICOMStudy] = {}
-        series: dict[tuple[str, str], DICOMSeries] = {}
-        self.skipped = []
-        for name in files:
-            ds, why = read_instance(Path(name))
-            if ds is None:
-                self.skipped.append((os.path.basename(name), why))
-                logger.warning("skipped %s: %s", os.path.basename(name), why)
-                continue
-            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-            if study_uid not in studies:
-                studies[study_uid] = DICOMStudy(study_uid)
-                self.populate_study_attributes(studies[study_uid], ds)
-            key = (study_uid, series_uid)
-            if key not in series:
-                series[key] = DICOMSeries(series_uid)
-                self.populate_series_attributes(series[key], ds)
-                studies[study_uid].add_series(series[key])
-            series[key].add_sop_instance(ds)
-        return list(studies.values())
+        studies, self.skipped = group_instances(files)
+        return studies
+
+
+def group_instances(files: list[str]) -> tuple[list[DICOMStudy], list[tuple[str, str]]]:
+    """Readable instances grouped into studies and series, plus (file name, reason) per skipped file.
+
+    Module-level so ``hyperct process`` loads a study from its indexed file list with the same code.
+    """
+    studies: dict[str, DICOMStudy] = {}
+    series: dict[tuple[str, str], DICOMSeries] = {}
+    skipped: list[tuple[str, str]] = []
+    for name in files:
+        ds, why = read_instance(Path(name))
+        if ds is None:
+            skipped.append((os.path.basename(name), why))
+            logger.warning("skipped %s: %s", os.path.basename(name), why)
+            continue
+        study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        if study_uid not in studies:
+            studies[study_uid] = DICOMStudy(study_uid)
+            # The SDK's populate_* methods never touch ``self``.
+            DICOMDataLoaderOperator.populate_study_attributes(None, studies[study_uid], ds)  # type: ignore[arg-type]
+        key = (study_uid, series_uid)
+        if key not in series:
+            series[key] = DICOMSeries(series_uid)
+            DICOMDataLoaderOperator.populate_series_attributes(None, series[key], ds)  # type: ignore[arg-type]
+            studies[study_uid].add_series(series[key])
+        series[key].add_sop_instance(ds)
+    return list(studies.values()), skipped
+
+
+def cases_from_studies(studies: list[DICOMStudy], output_folder: Path) -> list[StudyCase]:
+    """One :class:`StudyCase` per loaded study, with its PatientID and AccessionNumber."""
+    cases = []
+    for study in studies:
+        case = StudyCase(study_instance_uid=study.StudyInstanceUID, output_folder=output_folder, study=study)
+        first = next((i for s in study.get_all_series() for i in s.get_sop_instances()), None)
+        if first is not None:
+            ds = first.get_native_sop_instance()
+            case.patient_id = str(ds.get("PatientID", ""))
+            case.accession_number = str(ds.get("AccessionNumber", ""))
+        cases.append(case)
+    return cases

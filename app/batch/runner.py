@@ -1,0 +1,362 @@
+"""Run the pipeline over many studies with models loaded once and loading/writing overlapped with inference.
+
+The main thread owns the ONNX sessions (one :class:`~operators.model_runner.HyperCTRunner` for the
+whole run) and the ledger. ``workers`` threads load and preprocess the next studies into a bounded
+prefetch queue (``prefetch`` studies at most, each holding its volume in memory) and one writer
+thread writes the previous study's SEG/SR while the current one runs inference, so reading DICOM,
+preprocessing and writing hide behind inference. The stages are the application's own
+(:func:`app.app.prepare_case`, :func:`app.app.infer_prepared_case`, :func:`app.app.write_case_results`),
+so a study gives the same results here as with ``hyperct run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.batch.discover import DiscoverConfig, discover
+from app.batch.filters import StudyFilter
+from app.batch.index import ArchiveIndex, IndexSummary, study_files
+from app.batch.ledger import FindingRow, Ledger, StudyRecord
+from app.batch.table import write_tables
+from app.config import AppConfig
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from operators.model_runner import HyperCTRunner
+    from operators.study_case import StudyCase
+
+logger = logging.getLogger(__name__)
+
+WORK_DIR = "_batch"  # OUT/_batch/{index.sqlite, ledger.sqlite, cache/}
+TABLE_REFRESH_S = 60.0
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """One ``hyperct process`` run."""
+
+    output: Path
+    model: Path
+    archive: Path | None = None  # None with a PACS source
+    app_config: AppConfig = field(default_factory=AppConfig)
+    workers: int = 1
+    prefetch: int = 2  # 0 = load each study only when inference is ready for it (no overlap)
+    force: bool = False
+    filters: StudyFilter = field(default_factory=StudyFilter)
+    max_extract_bytes: int = 50 * 1024**3
+    show_progress: bool = True
+
+    @property
+    def work_dir(self) -> Path:
+        return self.output / WORK_DIR
+
+
+@dataclass
+class StudyJob:
+    """One study to process: identity from the index (or C-FIND), files fetched when it is prepared."""
+
+    study_uid: str
+    patient_id: str = ""
+    accession: str = ""
+    study_date: str = ""
+    files: Callable[[], list[Path]] = list
+    release: Callable[[], None] = lambda: None  # frees a retrieval cache after the study
+
+
+@dataclass
+class BatchReport:
+    """What a run did (printed by the command, returned to tests and the benchmark)."""
+
+    index: IndexSummary | None = None
+    studies_found: int = 0
+    excluded: Counter[str] = field(default_factory=Counter)  # filter reason -> count
+    already_done: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # of the studies run now
+    tables: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def studies_per_hour(self) -> float:
+        n = sum(self.outcomes.values())
+        return 3600.0 * n / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_progress(enabled: bool) -> Progress:
+    """A rich progress bar with count, rate and ETA."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def _rate(progress: Progress, task: Any, unit: str, per: float) -> None:
+    speed = progress.tasks[task].speed if task is not None else None
+    progress.update(task, rate=f"{speed * per:,.1f} {unit}" if speed else "")
+
+
+def index_archive(cfg: BatchConfig, index: ArchiveIndex, progress: Progress) -> IndexSummary:
+    """Discover files (unpacking zips) and index their headers, with a progress bar."""
+    assert cfg.archive is not None
+    dcfg = DiscoverConfig(
+        cache_dir=cfg.work_dir / "cache", max_extract_bytes=cfg.max_extract_bytes, exclude=(cfg.output,)
+    )
+    scan = progress.add_task("discovering", total=None, rate="")
+    found = discover(cfg.archive, dcfg, on_file=lambda: progress.advance(scan))
+    progress.update(scan, total=len(found.candidates), completed=len(found.candidates))
+    task = progress.add_task("indexing headers", total=len(found.candidates), rate="")
+
+    def tick() -> None:
+        progress.advance(task)
+        _rate(progress, task, "files/s", 1.0)
+
+    return index.build(found.candidates, found.skipped, workers=cfg.workers, on_file=tick)
+
+
+def archive_jobs(cfg: BatchConfig, index: ArchiveIndex, report: BatchReport) -> list[StudyJob]:
+    """The indexed studies that pass the filters, each with its own file list."""
+    jobs = []
+    rows = index.studies()
+    report.studies_found = len(rows)
+    for row in rows:
+        why = cfg.filters.why_excluded(row)
+        if why is not None:
+            report.excluded[why] += 1
+            continue
+        files = partial(study_files, index.path, row.study_uid)  # read when the study is loaded
+        jobs.append(StudyJob(row.study_uid, row.patient_id, row.accession, row.study_date, files=files))
+    return jobs
+
+
+def load_job(job: StudyJob, output: Path) -> StudyCase:
+    """Read one study's files into a :class:`StudyCase` with the application's loader code."""
+    from operators.study_case import Outcome, StudyCase
+    from operators.study_loader import cases_from_studies, group_instances
+
+    files = job.files()
+    studies, skipped = group_instances([str(f) for f in files])
+    cases = [c for c in cases_from_studies(studies, output) if c.study_instance_uid == job.study_uid]
+    if not cases:
+        case = StudyCase(study_instance_uid=job.study_uid, output_folder=output)
+        detail = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        case.stop(Outcome.FAILED, f"none of its {len(files)} files could be read any more{detail}")
+        return case
+    case = cases[0]
+    case.warnings.extend(f"skipped {name}: {why}" for name, why in skipped)
+    return case
+
+
+class BatchRunner:
+    """Holds the model and configuration for one run; ``run`` processes the jobs."""
+
+    def __init__(self, cfg: BatchConfig, runner: HyperCTRunner | None = None) -> None:
+        from operators.manifest import manifest_sha256
+        from operators.model_runner import HyperCTRunner
+        from operators.preprocessing import PreprocessingConfig
+        from operators.results import ModelInfo
+
+        self.cfg = cfg
+        inference = cfg.app_config.inference
+        self.runner = runner or HyperCTRunner(
+            cfg.model,
+            inference.session_options(),
+            max_resident=inference.max_resident_sessions,
+            budget_mb=inference.memory_budget_mb,
+        )
+        self.manifest_sha = manifest_sha256(self.runner.model_dir)
+        self.model = ModelInfo.from_manifest(self.runner.manifest, self.manifest_sha)
+        self.preprocessing = PreprocessingConfig.from_dict(self.runner.manifest.preprocessing)
+
+    def prepare(self, job: StudyJob) -> StudyCase:
+        """Worker-thread side: load, select, volume, preprocess. Never raises."""
+        from app.app import prepare_case
+        from operators.study_case import Outcome, StudyCase
+
+        t0 = time.perf_counter()
+        try:
+            case = load_job(job, self.cfg.output)
+            case.timings["load"] = round(time.perf_counter() - t0, 4)
+            return prepare_case(case, self.cfg.app_config, self.preprocessing)
+        except Exception as exc:  # noqa: BLE001 - one study's failure must not stop the batch
+            logger.exception("study %s: loading failed", job.study_uid)
+            case = StudyCase(study_instance_uid=job.study_uid, output_folder=self.cfg.output)
+            case.stop(Outcome.FAILED, f"load: {type(exc).__name__}: {exc}")
+            return case
+
+    def infer(self, case: StudyCase) -> StudyCase:
+        """Main-thread side: the model (sessions are this thread's)."""
+        from app.app import infer_prepared_case
+
+        return infer_prepared_case(case, self.runner, self.model)
+
+    def write(self, case: StudyCase) -> dict[str, Any]:
+        """Writer-thread side: SEG, SR, text SR, results.json."""
+        from app.app import write_case_results
+
+        return write_case_results(case, self.cfg.app_config)
+
+    def record(self, job: StudyJob, case: StudyCase, summary: dict[str, Any], ledger: Ledger) -> str:
+        """One ledger transaction for a written study (main thread: the ledger's connection lives here)."""
+        findings = []
+        if case.result is not None and summary["outcome"] == "processed":
+            findings = [
+                FindingRow(t.key, t.name, t.group, float(t.probability), float(t.threshold), t.decision)
+                for t in case.result.tasks
+            ]
+        selected = (
+            case.selection.selected.series_instance_uid if case.selection and case.selection.selected else ""
+        )
+        ledger.record(
+            StudyRecord(
+                study_uid=job.study_uid,
+                outcome=summary["outcome"],
+                reason=summary["reason"],
+                patient_id=job.patient_id or case.patient_id,
+                accession=job.accession or case.accession_number,
+                study_date=job.study_date,
+                selected_series=selected,
+                model_name=self.model.name,
+                model_version=self.model.version,
+                manifest_sha256=self.manifest_sha,
+                seconds=round(sum(case.timings.values()), 3),
+            ),
+            findings,
+        )
+        return str(summary["outcome"])
+
+    def run(self, jobs: list[StudyJob], ledger: Ledger, progress: Progress, report: BatchReport) -> None:
+        """Process ``jobs`` in order as a three-stage pipeline: prepare (``workers`` threads, at most
+        ``prefetch`` studies ahead) → infer (this thread) → write (one writer thread, one study).
+
+        With ``prefetch`` 0 every stage runs here, one study after the other (the baseline).
+        """
+        task = progress.add_task("processing studies", total=len(jobs), rate="")
+        overlap = self.cfg.prefetch > 0
+        pending: deque[tuple[StudyJob, Future[StudyCase] | None]] = deque()
+        todo = iter(jobs)
+        last_tables = time.monotonic()
+        writing: tuple[StudyJob, StudyCase, Future[dict[str, Any]]] | None = None
+
+        def done(job: StudyJob, case: StudyCase, summary: dict[str, Any]) -> None:
+            try:
+                outcome = self.record(job, case, summary, ledger)
+            finally:
+                job.release()
+            report.outcomes[outcome] += 1
+            progress.advance(task)
+            _rate(progress, task, "studies/h", 3600.0)
+
+        with _executor(max(1, self.cfg.workers), "prefetch") as pool, _executor(1, "writer") as writer:
+
+            def fill() -> None:
+                while len(pending) < max(self.cfg.prefetch, 1):
+                    job = next(todo, None)
+                    if job is None:
+                        return
+                    ledger.start(job.study_uid)
+                    pending.append((job, pool.submit(self.prepare, job) if overlap else None))
+
+            fill()
+            while pending:
+                job, future = pending.popleft()
+                case = future.result() if future is not None else self.prepare(job)
+                fill()  # the next studies load while this one runs inference
+                self.infer(case)
+                if writing is not None:  # the previous study was written while this one ran inference
+                    done(writing[0], writing[1], writing[2].result())
+                    writing = None
+                if overlap:
+                    writing = (job, case, writer.submit(self.write, case))
+                else:
+                    done(job, case, self.write(case))
+                del case
+                if time.monotonic() - last_tables > TABLE_REFRESH_S:
+                    self.write_tables(ledger, None)
+                    last_tables = time.monotonic()
+            if writing is not None:
+                done(writing[0], writing[1], writing[2].result())
+
+    def write_tables(self, ledger: Ledger, index: ArchiveIndex | None) -> dict[str, Path]:
+        errors = index.file_errors() if index is not None else getattr(self, "_file_errors", [])
+        self._file_errors = errors
+        return write_tables(self.cfg.output, ledger.finding_rows(), ledger.study_rows(), errors)
+
+
+@contextmanager
+def _executor(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_batch(
+    cfg: BatchConfig,
+    *,
+    runner: HyperCTRunner | None = None,
+    source: Callable[[BatchConfig, BatchReport], list[StudyJob]] | None = None,
+) -> BatchReport:
+    """Index (or query), filter, skip what the ledger holds, process the rest, write the tables.
+
+    ``source`` replaces the archive index (``--from-pacs`` passes the C-FIND based one).
+    """
+    t0 = time.perf_counter()
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    report = BatchReport()
+    batch = BatchRunner(cfg, runner)
+    ledger = Ledger(cfg.work_dir / "ledger.sqlite")
+    index = ArchiveIndex(cfg.work_dir / "index.sqlite") if source is None else None
+    try:
+        with make_progress(cfg.show_progress) as progress:
+            if index is not None:
+                report.index = index_archive(cfg, index, progress)
+                jobs = archive_jobs(cfg, index, report)
+            else:
+                assert source is not None
+                jobs = source(cfg, report)
+            if not cfg.force:
+                done = ledger.finished(batch.manifest_sha)
+                report.already_done = sum(j.study_uid in done for j in jobs)
+                jobs = [j for j in jobs if j.study_uid not in done]
+            logger.info("%d studies to process (%d already done)", len(jobs), report.already_done)
+            t_run = time.perf_counter()
+            try:
+                batch.run(jobs, ledger, progress, report)
+            except KeyboardInterrupt:
+                report.interrupted = True
+                logger.warning("interrupted: finished studies are in the ledger; rerun to resume")
+            report.seconds = time.perf_counter() - t_run
+        report.tables = batch.write_tables(ledger, index)
+    finally:
+        ledger.close()
+        if index is not None:
+            index.close()
+    logger.info("batch run took %.1f s", time.perf_counter() - t0)
+    return report

@@ -1,0 +1,116 @@
+"""The batch run's tables, rebuilt from the ledger and the index (never appended to).
+
+``findings.csv`` / ``findings.parquet``: one row per processed study × task. ``studies.csv``: one
+row per study taken by the run, with its outcome. ``errors.csv``: every skipped file and every
+study that was not processed or failed, with a reason a person can act on. Rebuilding from the
+ledger is what keeps an interrupted-and-resumed run free of duplicate rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FINDINGS_CSV = "findings.csv"
+FINDINGS_PARQUET = "findings.parquet"
+STUDIES_CSV = "studies.csv"
+ERRORS_CSV = "errors.csv"
+
+FINDING_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("study_instance_uid", "string"),
+    ("patient_id", "string"),
+    ("accession_number", "string"),
+    ("study_date", "string"),
+    ("series_instance_uid", "string"),
+    ("task_key", "string"),
+    ("task_name", "string"),
+    ("task_group", "string"),
+    ("probability", "float64"),
+    ("threshold", "float64"),
+    ("decision", "string"),
+    ("outcome", "string"),
+    ("model_name", "string"),
+    ("model_version", "string"),
+    ("manifest_sha256", "string"),
+)
+#: Ledger column → table column where they differ.
+RENAMES = {
+    "study_uid": "study_instance_uid",
+    "accession": "accession_number",
+    "selected_series": "series_instance_uid",
+}
+ERROR_COLUMNS = ("kind", "item", "reason")
+STUDY_COLUMNS = (
+    "study_instance_uid", "patient_id", "accession_number", "study_date", "outcome", "reason",
+    "series_instance_uid", "seconds",
+)  # fmt: skip
+
+
+def _renamed(row: dict[str, Any]) -> dict[str, Any]:
+    return {RENAMES.get(k, k): v for k, v in row.items()}
+
+
+def _atomic_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(
+                    {k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()}
+                )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Parquet with a fixed schema (an empty run still gives a readable, typed file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [(name, pa.float64() if kind == "float64" else pa.string()) for name, kind in FINDING_COLUMNS]
+    )
+    table = pa.Table.from_pylist([{n: r.get(n) for n, _ in FINDING_COLUMNS} for r in rows], schema=schema)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_tables(
+    out: Path,
+    findings: list[dict[str, Any]],
+    studies: list[dict[str, Any]],
+    file_errors: list[tuple[str, str]],
+) -> dict[str, Path]:
+    """Write the four tables into ``out``; returns their paths by name."""
+    findings = [_renamed(r) for r in findings]
+    studies = [_renamed(r) for r in studies]
+    paths = {name: out / name for name in (FINDINGS_CSV, FINDINGS_PARQUET, STUDIES_CSV, ERRORS_CSV)}
+    _atomic_csv(paths[FINDINGS_CSV], [n for n, _ in FINDING_COLUMNS], findings)
+    write_parquet(paths[FINDINGS_PARQUET], findings)
+    _atomic_csv(paths[STUDIES_CSV], STUDY_COLUMNS, studies)
+    errors = [{"kind": "file", "item": origin, "reason": reason} for origin, reason in file_errors]
+    errors += [
+        {"kind": "study", "item": s["study_instance_uid"], "reason": f"{s['outcome']}: {s['reason']}"}
+        for s in studies
+        if s["outcome"] != "processed"
+    ]
+    _atomic_csv(paths[ERRORS_CSV], ERROR_COLUMNS, errors)
+    logger.info("tables: %d finding rows, %d studies, %d errors", len(findings), len(studies), len(errors))
+    return paths

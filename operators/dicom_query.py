@@ -1,0 +1,220 @@
+"""Query and retrieve studies from a PACS: C-FIND at STUDY level, then C-GET into a local folder.
+
+Used by ``hyperct process --from-pacs AE@host:port``. C-GET rather than C-MOVE: the instances come
+back on the association we opened, so the PACS needs no route back to us (no move destination
+configured at the PACS, no listening port here, nothing to open in a firewall). The C-FIND keys are
+the filters of a batch run (date range, modality, accession); results are de-duplicated by
+StudyInstanceUID. pynetdicom does not set ``TCP_NODELAY`` itself, so the caller enables it once
+(:func:`operators.dicom_network.enable_tcp_nodelay`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from operators.dicom_network import RemoteNode
+
+logger = logging.getLogger(__name__)
+
+FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
+GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+PENDING = (0xFF00, 0xFF01)
+_UID = re.compile(r"^[0-9.]{1,64}$")
+
+
+class QueryError(ConnectionError):
+    """The PACS could not be reached, refused the association, or answered with a failure."""
+
+
+@dataclass(frozen=True)
+class StudyQuery:
+    """C-FIND keys; empty values match everything."""
+
+    date_from: str = ""  # YYYYMMDD
+    date_to: str = ""
+    modalities: tuple[str, ...] = ()
+    accessions: tuple[str, ...] = ()
+    study_uids: tuple[str, ...] = ()
+
+    def identifiers(self) -> Iterator[Dataset]:
+        """One identifier per (modality, accession) combination; a UID list rides in each."""
+        for modality in self.modalities or ("",):
+            for accession in self.accessions or ("",):
+                ds = Dataset()
+                ds.QueryRetrieveLevel = "STUDY"
+                ds.StudyInstanceUID = "\\".join(self.study_uids)
+                ds.PatientID = ""
+                ds.AccessionNumber = accession
+                ds.StudyDate = f"{self.date_from}-{self.date_to}" if (self.date_from or self.date_to) else ""
+                ds.ModalitiesInStudy = modality
+                ds.NumberOfStudyRelatedInstances = ""
+                yield ds
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    """One C-FIND answer (no patient names)."""
+
+    study_uid: str
+    patient_id: str = ""
+    accession: str = ""
+    study_date: str = ""
+    modalities: tuple[str, ...] = ()
+    instances: int | None = None
+
+
+@dataclass
+class RetrieveReport:
+    """What one C-GET brought back."""
+
+    files: list[Path] = field(default_factory=list)
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    status: int | None = None
+    bytes: int = 0
+
+
+def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword, "")
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.split("\\") if v)
+    return tuple(str(v) for v in value)
+
+
+@contextmanager
+def _association(ae: Any, node: RemoteNode, **kwargs: Any) -> Iterator[Any]:
+    tls_args = (node.tls.client_context(), node.host) if node.tls is not None else None
+    try:
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, tls_args=tls_args, **kwargs)
+    except OSError as exc:
+        raise QueryError(f"cannot connect to {node}: {exc}") from exc
+    if not assoc.is_established:
+        raise QueryError(f"{node} rejected or did not answer the association request")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def find_studies(node: RemoteNode, query: StudyQuery, *, calling_ae: str = "HYPERCT") -> list[FoundStudy]:
+    """C-FIND at STUDY level; every matching study once, in answer order."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(FIND_MODEL)
+    found: dict[str, FoundStudy] = {}
+    with _association(ae, node) as assoc:
+        for identifier in query.identifiers():
+            for status, answer in assoc.send_c_find(identifier, FIND_MODEL):
+                if not status:
+                    raise QueryError(f"C-FIND to {node}: no response (association aborted or timed out)")
+                code = int(status.Status)
+                if code in PENDING and answer is not None:
+                    uid = str(answer.get("StudyInstanceUID", "") or "")
+                    if not uid or uid in found:
+                        continue
+                    if query.study_uids and uid not in query.study_uids:
+                        continue
+                    n = answer.get("NumberOfStudyRelatedInstances", None)
+                    found[uid] = FoundStudy(
+                        study_uid=uid,
+                        patient_id=str(answer.get("PatientID", "") or ""),
+                        accession=str(answer.get("AccessionNumber", "") or ""),
+                        study_date=str(answer.get("StudyDate", "") or ""),
+                        modalities=_values(answer, "ModalitiesInStudy"),
+                        instances=int(n) if n not in (None, "") else None,
+                    )
+                elif code != 0x0000:
+                    raise QueryError(f"C-FIND to {node} failed with status 0x{code:04X}")
+    logger.info("C-FIND at %s: %d studies", node, len(found))
+    return list(found.values())
+
+
+def get_study(
+    node: RemoteNode,
+    study_uid: str,
+    folder: Path,
+    *,
+    calling_ae: str = "HYPERCT",
+    max_bytes: int | None = None,
+) -> RetrieveReport:
+    """C-GET one study into ``folder`` (one file per instance, named by SOPInstanceUID).
+
+    Stops accepting instances (answering "out of resources") once ``max_bytes`` is exceeded, so a
+    huge study cannot fill the disk.
+    """
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+    if not _UID.match(study_uid):
+        raise ValueError(f"not a UID: {study_uid!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    report = RetrieveReport()
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(GET_MODEL)
+    roles = []
+    for cx in StoragePresentationContexts:  # 120 storage classes + GET: within the 128-context limit
+        uid = str(cx.abstract_syntax)
+        if uid in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE):
+            ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES)  # no transcoding at the PACS
+        else:
+            ae.add_requested_context(uid)
+        roles.append(_scp_role(uid))
+
+    def on_store(event: Any) -> int:
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        if not _UID.match(sop_uid):
+            return 0xC211  # refused: cannot name a file after it
+        data = event.encoded_dataset(include_meta=True)
+        if max_bytes is not None and report.bytes + len(data) > max_bytes:
+            return 0xA702  # refused: out of resources (the retrieval cache is full)
+        path = folder / f"{sop_uid}.dcm"
+        path.write_bytes(data)
+        report.bytes += len(data)
+        report.files.append(path)
+        return 0x0000
+
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    with _association(ae, node, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+        for status, _ in assoc.send_c_get(identifier, GET_MODEL):
+            if not status:
+                raise QueryError(f"C-GET of study {study_uid} from {node}: no response")
+            report.status = int(status.Status)
+            for attr, keyword in (
+                ("completed", "NumberOfCompletedSuboperations"),
+                ("failed", "NumberOfFailedSuboperations"),
+                ("warning", "NumberOfWarningSuboperations"),
+            ):
+                value = status.get(keyword)
+                if value is not None:
+                    setattr(report, attr, int(value))
+    logger.info(
+        "C-GET study %s from %s: %d files (%d failed, status 0x%04X)",
+        study_uid,
+        node,
+        len(report.files),
+        report.failed,
+        report.status or 0,
+    )
+    return report
+
+
+def _scp_role(uid: str) -> Any:
+    from pynetdicom import build_role
+
+    return build_role(uid, scp_role=True)
