@@ -37,7 +37,7 @@ peers:  ## Install DCMTK, dicom3tools and Orthanc with apt-get (as root, when mi
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends dcmtk dicom3tools orthanc >/dev/null; \
 	else echo "peers: missing$$missing; run 'sudo make peers' or apt-get install dcmtk dicom3tools orthanc" >&2; exit 1; fi
 
-demo: setup  ## Run the end-to-end demo on the embedded default
+demo: setup peers  ## Run the end-to-end demo on the embedded default
 	$(BIN)/python -m app.demo
 
 test: setup peers  ## Run the whole test suite (unit + real peers)

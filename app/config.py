@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 REPO_APP_YAML = Path(__file__).resolve().parents[1] / "app.yaml"
 PACKAGER_SECTIONS = {"application", "resources"}
 APP_SECTIONS = {"series-selection", "volume-checks", "outputs", "inference"}
+#: Read by other loaders from the same file (``node``: ``app/node/config.py``); skipped here.
+OTHER_SECTIONS = {"node"}
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,9 @@ class AppConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> AppConfig:
-        unknown = sorted(set(data) - PACKAGER_SECTIONS - APP_SECTIONS)
+        unknown = sorted(set(data) - PACKAGER_SECTIONS - APP_SECTIONS - OTHER_SECTIONS)
         if unknown:
-            raise ValueError(f"{source}: unknown section(s) {unknown} (known: {sorted(PACKAGER_SECTIONS | APP_SECTIONS)})")
+            raise ValueError(f"{source}: unknown section(s) {unknown} (known: {sorted(PACKAGER_SECTIONS | APP_SECTIONS | OTHER_SECTIONS)})")
         return cls(
             selection=SelectionRules.from_dict(data.get("series-selection")),
             volume_checks=VolumeChecks.from_dict(data.get("volume-checks")),

@@ -1,57 +1,317 @@
-"""`make demo`: the main job end to end on the embedded default.
+"""`make demo`: the main job end to end on the embedded default, on loopback.
 
-Each step prints what it does; later issues add steps (demo model, node on loopback, storescu →
-node → storescp, dciodvfy, findings). Today it writes a synthetic chest CT study with planted
-findings and prints its summary. Run as ``python -m app.demo [OUT]``.
+1. the demo model (trained on synthetic phantoms, cached in ``models/hyperct``);
+2. a synthetic chest CT study (thin axial CT + scout + thick series) with planted findings;
+3. a DCMTK ``storescp`` as the PACS that receives results;
+4. the node (``hyperct serve``, SQLite state + spool under the demo folder);
+5. ``storescu`` sends the study to the node; the node selects the series, runs HyperCT and sends
+   SR + SEG + text SR to ``storescp``;
+6. ``dciodvfy`` validates every received object;
+7. the findings, read back from the received SR.
+
+Run as ``python -m app.demo [OUT]`` (default ``demo-out``). Research use only; the demo model is
+synthetic, not clinical.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from app import RESEARCH_USE_STATEMENT
 
 logger = logging.getLogger(__name__)
-console = Console()
+console = Console(highlight=False, soft_wrap=True)
 
-DEMO_FINDINGS = "pleural_effusion,lung_nodule,cardiomegaly"
+DEMO_FINDINGS = "pleural_effusion,consolidation,cardiomegaly"
+DEMO_MODEL = Path("models/hyperct")
+NODE_AE, PACS_AE, SENDER_AE = "HYPERCT", "DEMOPACS", "DEMOSCU"
+#: Short so the demo does not wait 30 s for a study to be complete (the node's default).
+QUIET_PERIOD_S = 3.0
+RESULT_TIMEOUT_S = 600.0
+LOOPBACK = "127.0.0.1"
 
 
-def step_synthetic_study(out: Path) -> Path:
-    """Write one synthetic study (thin axial CT + scout + thick series) with planted findings."""
-    from app.cli import cli
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and why."""
 
+
+def _tool(name: str) -> str:
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/bin/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise DemoError(f"{name} is not installed: run `sudo make peers` (DCMTK, dicom3tools, Orthanc)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _hyperct(*args: str) -> list[str]:
+    return [sys.executable, "-m", "app.cli", *args]
+
+
+def step_model(models: Path, prebuilt: bool) -> None:
+    console.rule("[bold]1. Demo model (synthetic demo — not for clinical use)")
+    if prebuilt:
+        console.print(f"using the model in {models} (HYPERCT_DEMO_MODEL)")
+        return
+    cmd = _hyperct("model", "demo", str(models))
+    console.print(f"$ hyperct model demo {models}   [dim](trains once, then reused)[/dim]")
+    subprocess.run(cmd, check=True)
+
+
+def step_study(out: Path) -> Path:
+    console.rule("[bold]2. Synthetic chest CT study (synthetic, not clinical)")
     study_dir = out / "study"
-    if study_dir.exists():
-        shutil.rmtree(study_dir)
-    console.rule("[bold]1. Synthetic chest CT study (synthetic, not clinical)")
+    shutil.rmtree(study_dir, ignore_errors=True)
     args = ["synth", str(study_dir), "--finding", DEMO_FINDINGS, "--extra", "scout,thick", "--seed", "7"]
     console.print(f"$ hyperct {' '.join(args)}")
-    try:
-        cli(args, standalone_mode=False)
-    except SystemExit as exc:  # typer may exit on its own
-        if exc.code:
-            raise
+    subprocess.run(_hyperct(*args), check=True)
     return study_dir
+
+
+@contextmanager
+def running(
+    cmd: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A background process whose output goes to ``log``; stopped (SIGTERM, then SIGKILL) on exit."""
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _wait(
+    what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"{what} exited with {proc.returncode}; its log: {log}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise DemoError(f"{what} not ready after {timeout_s:.0f} s; its log: {log}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback only
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def node_config(out: Path, models: Path, port: int, pacs_port: int, health_port: int) -> Path:
+    """The node's settings for the demo (YAML is a JSON superset, so JSON is written)."""
+    cfg = {
+        "node": {
+            "data-dir": str(out / "node"),
+            "receiver": {"ae-title": NODE_AE, "bind": LOOPBACK, "port": port, "allowed-callers": [SENDER_AE]},
+            "completion": {"quiet-period-s": QUIET_PERIOD_S},
+            "worker": {"model": str(models)},
+            "outbox": {
+                "destinations": [f"{PACS_AE}@{LOOPBACK}:{pacs_port}"],
+                "calling-ae": NODE_AE,
+                "retry": {"max-attempts": 5, "initial-delay-s": 2},
+            },  # fmt: skip
+            "health": {"bind": LOOPBACK, "port": health_port},
+            "logging": {"level": "INFO"},
+        }
+    }
+    path = out / "node.yaml"
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _received(folder: Path) -> dict[str, list[Path]]:
+    """Received files by Modality (SR, SEG), read from their headers."""
+    import pydicom
+
+    out: dict[str, list[Path]] = {}
+    for p in sorted(folder.glob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            try:
+                modality = str(pydicom.dcmread(p, stop_before_pixels=True).get("Modality", "?"))
+            except Exception:  # noqa: BLE001 - a file still being written: looked at again next poll
+                continue
+            out.setdefault(modality, []).append(p)
+    return out
+
+
+def _settled(folder: Path, quiet_s: float = 3.0) -> Callable[[], bool]:
+    """True once an SR has arrived and no file has changed for ``quiet_s`` (SEG and text SR follow)."""
+
+    def check() -> bool:
+        files = [p for p in folder.glob("*") if p.is_file()]
+        if not files or "SR" not in _received(folder):
+            return False
+        return time.time() - max(p.stat().st_mtime for p in files) >= quiet_s
+
+    return check
+
+
+def step_round_trip(out: Path, study: Path, models: Path) -> dict[str, list[Path]]:
+    received = out / "pacs"
+    shutil.rmtree(received, ignore_errors=True)
+    shutil.rmtree(out / "node", ignore_errors=True)
+    received.mkdir(parents=True)
+    pacs_port, node_port, health_port = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "TCP_NODELAY": "1"}
+
+    console.rule("[bold]3. A PACS to receive results: DCMTK storescp")
+    pacs_cmd = [_tool("storescp"), "-aet", PACS_AE, "-od", str(received), "+B", "+xa", str(pacs_port)]
+    console.print(f"$ storescp -aet {PACS_AE} -od {received} +B +xa {pacs_port}")
+    with running(pacs_cmd, out / "storescp.log", env) as pacs:
+        _wait("storescp", lambda: _port_open(pacs_port), pacs, out / "storescp.log", 15)
+
+        console.rule("[bold]4. The node: hyperct serve")
+        cfg = node_config(out, models, node_port, pacs_port, health_port)
+        console.print(f"$ hyperct serve --config {cfg}   [dim](log: {out / 'node.log'})[/dim]")
+        with running(_hyperct("serve", "--config", str(cfg)), out / "node.log", env) as node:
+            ready = f"http://{LOOPBACK}:{health_port}/readyz"
+            _wait("the node", lambda: _http_ok(ready), node, out / "node.log", 120)
+            console.print(f"node {NODE_AE}@{LOOPBACK}:{node_port} ready ({ready})")
+
+            console.rule("[bold]5. storescu sends the study to the node")
+            files = sorted(p for p in study.rglob("*.dcm"))
+            send = [_tool("storescu"), "-aet", SENDER_AE, "-aec", NODE_AE, "+sd", "+r", "+sp", "*.dcm", "-R",
+                    LOOPBACK, str(node_port), str(study)]  # fmt: skip
+            console.print(
+                f"$ storescu -aet {SENDER_AE} -aec {NODE_AE} +sd +r +sp '*.dcm' -R {LOOPBACK} {node_port} {study}"
+            )
+            t0 = time.monotonic()
+            done = subprocess.run(send, env=env, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise DemoError(f"storescu failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+            console.print(f"sent {len(files)} instances in {time.monotonic() - t0:.1f} s")
+            console.print(
+                f"waiting for results: quiet period {QUIET_PERIOD_S:g} s, then series selection, HyperCT, "
+                "SR + SEG + text SR, C-STORE back …"
+            )
+            with console.status("processing"):
+                _wait("results at storescp", _settled(received), node, out / "node.log", RESULT_TIMEOUT_S)
+            console.print(f"results received {time.monotonic() - t0:.1f} s after the send began")
+    return _received(received)
+
+
+def step_validate(received: dict[str, list[Path]]) -> None:
+    console.rule("[bold]6. dciodvfy (dicom3tools) validates what the PACS received")
+    exe = _tool("dciodvfy")
+    bad = 0
+    for modality, paths in sorted(received.items()):
+        for path in paths:
+            run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+            lines = (run.stdout + run.stderr).splitlines()
+            errors = [x for x in lines if x.startswith("Error")]
+            warnings = [x for x in lines if x.startswith("Warning")]
+            iod = next((x.strip() for x in lines if x and not x.startswith(("Error", "Warning"))), "?")
+            status = "[green]valid[/green]" if not errors else f"[red]{len(errors)} error(s)[/red]"
+            console.print(f"{modality:4} {path.name[:60]:60} {iod:22} {status}, {len(warnings)} warning(s)")
+            for line in [*errors, *sorted(set(warnings))]:
+                console.print(f"     [dim]{line}[/dim]")
+            bad += len(errors)
+    if bad:
+        raise DemoError(f"dciodvfy found {bad} error(s) in the results")
+    console.print("[dim]99HYPERCT is our private coding scheme (echo-derived findings, probabilities), declared in "
+                  "the SR's CodingSchemeIdentificationSequence; dciodvfy only knows registered schemes.[/dim]")  # fmt: skip
+
+
+def step_findings(received: dict[str, list[Path]]) -> None:
+    """Read the findings back from the received TID 1500 SR (what a PACS or viewer would show)."""
+    import highdicom as hd
+    import pydicom
+
+    console.rule("[bold]7. Findings (read back from the SR the PACS received)")
+    srs = [
+        p
+        for p in received.get("SR", [])
+        if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    ]  # noqa: E501
+    if not srs:
+        raise DemoError("no Comprehensive 3D SR among the received results")
+    for path in srs:
+        sr = hd.sr.srread(path)
+        table = Table(
+            title=f"{sr.SeriesDescription} — study {sr.StudyInstanceUID}",
+            caption=f"{RESEARCH_USE_STATEMENT} Synthetic demo model — not for clinical use.",
+        )
+        for col in ("finding", "probability", "threshold", "decision"):
+            table.add_column(col, justify="right" if col in ("probability", "threshold") else "left")
+        for g in sr.content.get_image_measurement_groups():
+            values = {}
+            for m in g.get_measurements():
+                values[m.name.value] = m.value
+            decision = next((ev.value.meaning for ev in g.get_qualitative_evaluations()), "?")
+            shown = f"[bold red]{decision}[/bold red]" if decision.lower() == "present" else decision
+            table.add_row(
+                g.finding_type.meaning if g.finding_type else "?",
+                f"{values.get('PROB-FINDING', float('nan')):.3f}",
+                f"{values.get('PROB-THRESHOLD', float('nan')):.3f}",
+                shown,
+            )
+        console.print(table)
+        seg = received.get("SEG", [])
+        if seg:
+            ds = pydicom.dcmread(seg[0], stop_before_pixels=True)
+            labels = ", ".join(str(s.SegmentLabel) for s in ds.SegmentSequence)
+            console.print(
+                f"SEG: {len(ds.SegmentSequence)} attention segment(s): {labels} (AI attention maps, not lesion outlines)"
+            )  # noqa: E501
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0]) if argv else Path("demo-out")
     out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    prebuilt = "HYPERCT_DEMO_MODEL" in os.environ  # tests pass a small exported model
+    models = Path(os.environ.get("HYPERCT_DEMO_MODEL", DEMO_MODEL)).resolve()
     console.print(f"[bold]HyperCT Node demo[/bold] — {RESEARCH_USE_STATEMENT}")
-    study = step_synthetic_study(out)
-    files = sum(1 for p in study.rglob("*.dcm"))
+    t0 = time.monotonic()
+    try:
+        step_model(models, prebuilt)
+        study = step_study(out)
+        received = step_round_trip(out, study, models)
+        step_validate(received)
+        step_findings(received)
+    except (DemoError, subprocess.CalledProcessError) as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
     console.rule("[bold]Done")
-    console.print(f"{files} DICOM files under {study}; labels in {study / 'labels.csv'}")
+    counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(received.items()))
     console.print(
-        "[dim]Next (issue by issue): the demo model, the node on loopback, storescu → node → storescp, "
-        "dciodvfy, findings.[/dim]"
+        f"{time.monotonic() - t0:.0f} s end to end; the PACS received {counts} under {out / 'pacs'}"
     )
     return 0
 

@@ -65,6 +65,8 @@ INTENDED_USE = (
     "Outputs are uncalibrated model scores unless the thresholds say otherwise; attention maps are not "
     "lesion outlines."
 )
+#: Prefixed to ``intended_use`` of models trained on synthetic data only (the demo model).
+SYNTHETIC_USE = "Synthetic demo — not for clinical use: trained on synthetic phantoms only."
 CT_RATE_LICENCE = {
     "name": "CC BY-NC-SA 4.0",
     "url": "https://creativecommons.org/licenses/by-nc-sa/4.0/",
@@ -651,7 +653,7 @@ def export_model(
             "format": fmt,
             "precision": precision,
             "synthetic": bool(synthetic),
-            "intended_use": INTENDED_USE,
+            "intended_use": f"{SYNTHETIC_USE} {INTENDED_USE}" if synthetic else INTENDED_USE,
             "backbone": _backbone_section(model),
             "preprocessing": pre.to_dict(),
             "inputs": inputs,

@@ -85,6 +85,13 @@ class SyntheticStudy:
 
 def render_study(study: SyntheticStudy) -> Volume:
     """Render the phantom on the study's grid → :class:`Volume` (HU, LPS affine, canonical order)."""
+    return render_study_with_masks(study)[0]
+
+
+def render_study_with_masks(study: SyntheticStudy) -> tuple[Volume, dict[str, np.ndarray]]:
+    """:func:`render_study` plus, per CT-RATE column the planted findings make positive, the bool
+    voxel mask of those findings (same array order as ``Volume.hu``): the ground truth that attention
+    maps are scored against (``training/saliency.py``)."""
     from app.synth.anatomy import sample_anatomy
     from app.synth.findings import FindingPlacementError, plant
     from app.synth.geometry import Grid
@@ -111,11 +118,16 @@ def render_study(study: SyntheticStudy) -> Volume:
     affine = np.eye(4)
     affine[0, 0], affine[1, 1], affine[2, 2] = grid.col_spacing, grid.row_spacing, study.slice_mm
     affine[:3, 3] = [grid.x[0], grid.y[0], grid.z[0]]
+    columns = sorted({c for cols in rendered.finding_tasks.values() for c in cols})
+    masks = {c: rendered.task_mask(c) for c in columns}
     if study.feet_first:  # stored columns run toward patient right (FFS), as the DICOM writer does
         hu = hu[:, :, ::-1]
+        masks = {c: m[:, :, ::-1] for c, m in masks.items()}
         affine[0, 0] = -grid.col_spacing
         affine[0, 3] = grid.x[-1]
-    return Volume(hu=np.ascontiguousarray(hu), affine=affine)
+    return Volume(hu=np.ascontiguousarray(hu), affine=affine), {
+        c: np.ascontiguousarray(m) for c, m in masks.items()
+    }
 
 
 def design_studies(

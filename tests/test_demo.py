@@ -1,0 +1,42 @@
+"""`make demo` end to end (minus training the demo model): storescu → node → storescp → dciodvfy → findings.
+
+The demo driver runs exactly as `make demo` does, with the small exported test model passed through
+``HYPERCT_DEMO_MODEL`` so CI does not train; the demo model itself is built by
+``training.demo_model`` (tested in tests/test_demo_model.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.app_fixtures import export_tiny_model
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
+
+
+def test_demo_round_trip_through_the_node(tmp_path: Path) -> None:
+    model = export_tiny_model(tmp_path / "model")
+    env = {**os.environ, "HYPERCT_DEMO_MODEL": str(model), "COLUMNS": "200"}
+    out = tmp_path / "demo-out"
+    run = subprocess.run(
+        [sys.executable, "-m", "app.demo", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text[-4000:]
+    received = sorted(p for p in (out / "pacs").iterdir() if p.is_file())
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in received]
+    classes = sorted(str(h.SOPClassUID) for h in headers)
+    assert pydicom.uid.Comprehensive3DSRStorage in classes
+    assert pydicom.uid.BasicTextSRStorage in classes
+    study = pydicom.dcmread(next((out / "study").rglob("*.dcm")), stop_before_pixels=True)
+    assert {str(h.StudyInstanceUID) for h in headers} == {str(study.StudyInstanceUID)}
+    assert {str(h.PatientID) for h in headers} == {str(study.PatientID)}
+    assert "valid" in text and "error(s)" not in text
+    assert "Pleural effusion" in text  # the findings table read back from the received SR
+    assert "Synthetic demo model" in text

@@ -1,0 +1,78 @@
+"""The demo model builder: train → thresholds on validation → export → saliency calibration → cache.
+
+A one-epoch budget keeps it quick; what the full recipe learns is tests/test_training_learning.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from operators.manifest import load_manifest
+from operators.preprocessing import PreprocessingConfig, preprocess
+from training.data.synthetic import design_studies, render_study_with_masks
+from training.demo_model import build_demo_model, demo_key
+from training.saliency import dice, model_space_target
+
+pytestmark = pytest.mark.slow
+
+QUICK = ("epochs=1", "data.synthetic.n_studies=16", "eval_batch_size=8")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "hyperct"
+    model = build_demo_model(out, overrides=QUICK, progress=False)
+    assert not model.cached
+    return out
+
+
+def test_manifest_says_synthetic_demo_not_clinical(demo: Path) -> None:
+    m = load_manifest(demo, verify_files=True)
+    assert m.synthetic and m.name == "hyperct-demo"
+    assert m.intended_use.startswith("Synthetic demo — not for clinical use")
+    assert "Research use only" in m.intended_use
+    data = json.loads((demo / "manifest.json").read_text())
+    assert data["training_data"]["kind"] == "synthetic"
+    assert "not for clinical use" in data["training_data"]["description"]
+    assert {t.key for t in m.tasks} == {"cardiomegaly", "pleural_effusion", "consolidation"}
+
+
+def test_thresholds_and_saliency_come_from_validation_data(demo: Path) -> None:
+    m = load_manifest(demo, verify_files=False)
+    data = json.loads((demo / "manifest.json").read_text())
+    cal = data["training_data"]["saliency_calibration"]
+    for t in m.tasks:
+        assert "thresholds.json" in t.threshold_source, t.threshold_source  # picked on the val split
+        assert t.validation_auroc is not None
+        assert t.saliency_threshold is not None and 0.0 < t.saliency_threshold < 1.0
+        assert t.saliency_threshold == cal["tasks"][t.key]["threshold"]
+        assert cal["tasks"][t.key]["cases"] > 0
+    pointing = cal["pointing_game"]["tasks"]
+    assert set(pointing) == {t.key for t in m.tasks}
+    assert all(p["cases"] > 0 and p["chance"] is not None for p in pointing.values())
+
+
+def test_second_build_reuses_the_cache_and_the_key_tracks_inputs(demo: Path) -> None:
+    t0 = time.perf_counter()
+    again = build_demo_model(demo, overrides=QUICK, progress=False)
+    assert again.cached and time.perf_counter() - t0 < 30
+    assert demo_key(0, QUICK) != demo_key(1, QUICK) != demo_key(0, ())
+
+
+def test_ground_truth_lands_on_the_finding_in_model_space() -> None:
+    """The saliency ground truth: voxel masks sampled at each model pixel's patient position."""
+    pre = PreprocessingConfig()
+    (hfs,) = design_studies(1, ["pleural_effusion"], prevalence=1.0, seed=5, twins=False)
+    volume, masks = render_study_with_masks(hfs)
+    mi = preprocess(volume, pre)
+    target = model_space_target(masks["Pleural effusion"], volume.affine, mi.transform)
+    assert target.any() and target.shape == (mi.n_images, *pre.image_size)
+    # the pixels marked are fluid (HU near water), not lung or air
+    hu = volume.hu[masks["Pleural effusion"]]
+    assert -100 < float(np.median(hu)) < 100
+    assert dice(target, target) == 1.0 and dice(target, ~target) == 0.0

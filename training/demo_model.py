@@ -1,0 +1,200 @@
+"""The demo model: trained on synthetic phantoms, evaluated, exported for serving, and cached.
+
+``make demo`` and the tests need a model that actually learned something, but there are no public
+HyperCT weights. This module trains the demo recipe (``training/recipes/demo.yaml``: tiny random-init
+backbone, three findings the phantom makes visible), picks operating thresholds on its validation
+split, and exports merged-LoRA ONNX models with a manifest marked *synthetic demo — not for clinical
+use*. The result is cached: a folder whose manifest carries the same ``demo_key`` (recipe, seed, task
+registry, preprocessing code and manifest schema) is reused instead of retrained.
+
+Run as ``hyperct model demo [OUT]`` or ``python -m training.demo_model [OUT]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from operators.manifest import MANIFEST_NAME, SCHEMA_VERSION, load_manifest
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "hyperct-demo"
+DEFAULT_DEMO_DIR = Path("models/hyperct")
+DEMO_DESCRIPTION = "synthetic demo — not for clinical use"
+
+_ROOT = Path(__file__).resolve().parent.parent
+#: What the cached demo model depends on (globs under the project root): change any and it is rebuilt.
+_KEY_SOURCES = (
+    "training/recipes/demo.yaml",
+    "training/tasks.json",
+    "training/**/*.py",
+    "operators/preprocessing.py",
+    "operators/manifest.py",
+    "app/synth/*.py",
+)
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """Where the demo model is and how it was obtained."""
+
+    path: Path
+    cached: bool
+    seconds: float
+    validation_auroc: dict[str, float | None]
+
+
+def demo_key(seed: int = 0, overrides: Sequence[str] = ()) -> str:
+    """A digest of everything the demo model is a function of (recipe, overrides, seed, data, code)."""
+    h = hashlib.sha256(f"seed={seed};overrides={list(overrides)};schema={SCHEMA_VERSION}".encode())
+    for pattern in _KEY_SOURCES:
+        for path in sorted(_ROOT.glob(pattern)):
+            h.update(path.relative_to(_ROOT).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cached_demo_model(out: Path, seed: int = 0, overrides: Sequence[str] = ()) -> Path | None:
+    """``out`` when it holds a valid demo model built from the same inputs, else None."""
+    manifest_path = out / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if data.get("training_data", {}).get("demo_key") != demo_key(seed, overrides):
+            return None
+        load_manifest(out, verify_files=True)
+    except Exception as exc:  # a broken or foreign folder is rebuilt, not served
+        logger.info("demo model in %s is not reusable (%s): rebuilding", out, exc)
+        return None
+    return out
+
+
+def build_demo_model(
+    out: str | Path = DEFAULT_DEMO_DIR,
+    *,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    overrides: Sequence[str] = (),
+) -> DemoModel:
+    """Train, evaluate and export the demo model into ``out`` unless an up-to-date one is there.
+
+    Thresholds are picked (Youden) on the recipe's validation split and recorded with the validation
+    AUROC in the manifest. The work folder sits beside ``out`` and is removed afterwards; the export
+    replaces ``out`` atomically, so an interrupted build never leaves a half-written model.
+    ``overrides`` (recipe settings, e.g. ``epochs=1`` in tests) are part of the cache key.
+    """
+    from training.config import load_config
+    from training.evaluate import evaluate_checkpoint
+    from training.export import export_model
+    from training.train import train
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    if not force and (hit := cached_demo_model(out, seed, overrides)) is not None:
+        return DemoModel(hit, True, time.perf_counter() - t0, _validation_auroc(hit))
+
+    key = demo_key(seed, overrides)
+    cfg = load_config("demo", [f"seed={seed}", f"progress={str(progress).lower()}", *overrides])
+    work = out.parent / f".{out.name}.build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        result = train(cfg, work / "run")
+        ev = evaluate_checkpoint(
+            result.best_checkpoint, cfg, work / "validation", split="val", n_bootstrap=200, roc_plots=False,
+            title="HyperCT demo model: validation split (synthetic)",
+        )  # fmt: skip
+        s = cfg.data.synthetic
+        training_data = {
+            "kind": "synthetic",
+            "description": f"{DEMO_DESCRIPTION}: synthetic phantoms (app/synth), no patient data",
+            "recipe": "training/recipes/demo.yaml",
+            "studies": s.n_studies,
+            "findings": list(s.findings),
+            "splits": result.splits,
+            "best_epoch": result.best_epoch,
+            "seed": seed,
+            "demo_key": key,
+        }
+        export_model(
+            result.best_checkpoint, out, thresholds=ev.thresholds, synthetic=True, name=DEMO_MODEL_NAME,
+            training_data=training_data, overwrite=True,
+        )  # fmt: skip
+        _attention_evidence(out, cfg.data.synthetic.findings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    logger.info("demo model built in %.0f s into %s", seconds, out)
+    return DemoModel(out, False, seconds, _validation_auroc(out))
+
+
+#: Patients of the saliency calibration set and of the pointing-game set: disjoint from training
+#: (``design_studies`` seed 0) and from each other.
+SALIENCY_SEED, POINTING_SEED = 2, 3
+SALIENCY_STUDIES = POINTING_STUDIES = 12
+
+
+def _attention_evidence(model_dir: Path, findings: Sequence[str]) -> None:
+    """Pick each task's SEG saliency threshold on a calibration set and score the pointing game on
+    other held-out studies (other patients, varied geometry); both go into the manifest."""
+    from operators.model_runner import HyperCTRunner
+    from operators.preprocessing import PreprocessingConfig
+    from training.data.synthetic import design_studies
+    from training.saliency import calibrate_saliency, masked_cases, pointing_scores, write_saliency_thresholds
+
+    manifest = load_manifest(model_dir, verify_files=False)
+    pre = PreprocessingConfig.from_dict(manifest.preprocessing)
+    tasks = [t.key for t in manifest.tasks]
+    calib = design_studies(SALIENCY_STUDIES, findings, prevalence=1.0, seed=SALIENCY_SEED, twins=False,
+                           geometry="model", preprocessing=pre)  # fmt: skip
+    held = design_studies(POINTING_STUDIES, findings, prevalence=1.0, seed=POINTING_SEED, twins=False,
+                          geometry="varied", preprocessing=pre)  # fmt: skip
+    with HyperCTRunner(model_dir) as runner:
+        calibration = calibrate_saliency(runner, masked_cases(calib, tasks, pre))
+        pointing = pointing_scores(runner, masked_cases(held, tasks, pre))
+    evidence = {
+        "method": "relative threshold maximising mean Dice of attention >= t x max vs the planted finding "
+        "(model pixel space) on synthetic calibration studies; pointing game on other held-out studies",
+        "calibration_studies": {"count": SALIENCY_STUDIES, "seed": SALIENCY_SEED, "geometry": "model"},
+        "pointing_game": {
+            "studies": POINTING_STUDIES,
+            "seed": POINTING_SEED,
+            "geometry": "varied",
+            "tasks": pointing,
+        },  # fmt: skip
+    }
+    write_saliency_thresholds(model_dir, calibration, evidence)
+    for key, cal in calibration.items():
+        p = pointing.get(key, {})
+        logger.info("%s: saliency threshold %.1f (Dice %.3f, %d cases); pointing game %s/%s (chance %.3f)",
+                    key, cal.threshold, cal.dice, cal.cases, p.get("hits"), p.get("evaluable"),
+                    p.get("chance") or float("nan"))  # fmt: skip
+
+
+def _validation_auroc(model_dir: Path) -> dict[str, float | None]:
+    manifest = load_manifest(model_dir, verify_files=False)
+    return {t.key: t.validation_auroc for t in manifest.tasks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    out = Path(args[0]) if args else DEFAULT_DEMO_DIR
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model = build_demo_model(out, force="--force" in args)
+    print(json.dumps({"path": str(model.path), "cached": model.cached, "seconds": round(model.seconds, 1),
+                      "validation_auroc": model.validation_auroc}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
