@@ -26,6 +26,7 @@ from app.batch.discover import DiscoverConfig, discover
 from app.batch.filters import StudyFilter
 from app.batch.index import ArchiveIndex, IndexSummary, study_files
 from app.batch.ledger import FindingRow, Ledger, StudyRecord
+from app.batch.send import BatchSender, SendConfig
 from app.batch.table import write_tables
 from app.config import AppConfig
 
@@ -55,6 +56,7 @@ class BatchConfig:
     filters: StudyFilter = field(default_factory=StudyFilter)
     max_extract_bytes: int = 50 * 1024**3
     show_progress: bool = True
+    send: SendConfig | None = None  # --send-to: results go out through the node's outbox
 
     @property
     def work_dir(self) -> Path:
@@ -85,6 +87,7 @@ class BatchReport:
     tables: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False
+    sends: dict[str, int] | None = None  # outbox rows of OUT by state (sent, pending, failed)
 
     @property
     def studies_per_hour(self) -> float:
@@ -174,13 +177,16 @@ def load_job(job: StudyJob, output: Path) -> StudyCase:
 class BatchRunner:
     """Holds the model and configuration for one run; ``run`` processes the jobs."""
 
-    def __init__(self, cfg: BatchConfig, runner: HyperCTRunner | None = None) -> None:
+    def __init__(
+        self, cfg: BatchConfig, runner: HyperCTRunner | None = None, sender: BatchSender | None = None
+    ) -> None:
         from operators.manifest import manifest_sha256
         from operators.model_runner import HyperCTRunner
         from operators.preprocessing import PreprocessingConfig
         from operators.results import ModelInfo
 
         self.cfg = cfg
+        self.sender = sender
         inference = cfg.app_config.inference
         self.runner = runner or HyperCTRunner(
             cfg.model,
@@ -221,7 +227,22 @@ class BatchRunner:
         return write_case_results(case, self.cfg.app_config)
 
     def record(self, job: StudyJob, case: StudyCase, summary: dict[str, Any], ledger: Ledger) -> str:
-        """One ledger transaction for a written study (main thread: the ledger's connection lives here)."""
+        """One ledger transaction for a written study (main thread: the ledger's connection lives here).
+
+        With ``--send-to`` the results are queued in the outbox first, in their own transaction: a
+        kill between the two leaves the study out of the ledger, so a rerun redoes it and queues the
+        same rows again (in place; delivered ones stay delivered) — a study in the ledger always has
+        its sends queued."""
+        if self.sender is not None:
+            try:
+                self.sender.enqueue(job.study_uid, summary)
+            except Exception as exc:  # noqa: BLE001 - one study's failure must not stop the batch
+                logger.exception("study %s: queuing its results for sending failed", job.study_uid)
+                summary = {
+                    **summary,
+                    "outcome": "failed",
+                    "reason": f"send queue: {type(exc).__name__}: {exc}",
+                }
         findings = []
         if case.result is not None and summary["outcome"] == "processed":
             findings = [
@@ -304,7 +325,32 @@ class BatchRunner:
     def write_tables(self, ledger: Ledger, index: ArchiveIndex | None) -> dict[str, Path]:
         errors = index.file_errors() if index is not None else getattr(self, "_file_errors", [])
         self._file_errors = errors
-        return write_tables(self.cfg.output, ledger.finding_rows(), ledger.study_rows(), errors)
+        sends = self.sender.rows() if self.sender is not None else None
+        return write_tables(self.cfg.output, ledger.finding_rows(), ledger.study_rows(), errors, sends=sends)
+
+
+def drain_sends(sender: BatchSender, progress: Progress, *, interrupted: bool) -> dict[str, int]:
+    """Send what the run queued and is not delivered yet, for at most ``--send-wait`` seconds, with a
+    progress bar (an interrupted run only stops the outbox: a rerun sends the rest)."""
+    if interrupted:
+        sender.stop()
+        return sender.counts()
+    counts = sender.counts()
+    total = sum(counts.values())
+    task = progress.add_task("sending results", total=total, completed=counts.get("sent", 0), rate="")
+
+    def show(c: dict[str, int]) -> None:
+        progress.update(
+            task,
+            completed=c.get("sent", 0) + c.get("failed", 0),
+            rate=f"{c.get('pending', 0)} pending, {c.get('failed', 0)} failed",
+        )
+
+    try:
+        return sender.drain(on_pass=show)
+    except KeyboardInterrupt:
+        logger.warning("sending interrupted: pending results stay queued; rerun to send them")
+        return sender.counts()
 
 
 @contextmanager
@@ -330,10 +376,18 @@ def run_batch(
     cfg.output.mkdir(parents=True, exist_ok=True)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
-    batch = BatchRunner(cfg, runner)
+    sender = BatchSender(cfg.send, cfg.output, cfg.work_dir) if cfg.send is not None else None
+    try:
+        batch = BatchRunner(cfg, runner, sender)
+    except BaseException:
+        if sender is not None:
+            sender.close()
+        raise
     ledger = Ledger(cfg.work_dir / "ledger.sqlite")
     index = ArchiveIndex(cfg.work_dir / "index.sqlite") if source is None else None
     try:
+        if sender is not None:
+            sender.start()
         with make_progress(cfg.show_progress) as progress:
             if index is not None:
                 report.index = index_archive(cfg, index, progress)
@@ -344,6 +398,8 @@ def run_batch(
             if not cfg.force:
                 done = ledger.finished(batch.manifest_sha)
                 report.already_done = sum(j.study_uid in done for j in jobs)
+                if sender is not None:
+                    sender.queue_finished(j.study_uid for j in jobs if j.study_uid in done)
                 jobs = [j for j in jobs if j.study_uid not in done]
             logger.info("%d studies to process (%d already done)", len(jobs), report.already_done)
             t_run = time.perf_counter()
@@ -353,8 +409,12 @@ def run_batch(
                 report.interrupted = True
                 logger.warning("interrupted: finished studies are in the ledger; rerun to resume")
             report.seconds = time.perf_counter() - t_run
+            if sender is not None:
+                report.sends = drain_sends(sender, progress, interrupted=report.interrupted)
         report.tables = batch.write_tables(ledger, index)
     finally:
+        if sender is not None:
+            sender.close()
         ledger.close()
         if index is not None:
             index.close()

@@ -2,7 +2,8 @@
 
 ``findings.csv`` / ``findings.parquet``: one row per processed study × task. ``studies.csv``: one
 row per study taken by the run, with its outcome. ``errors.csv``: every skipped file and every
-study that was not processed or failed, with a reason a person can act on. Rebuilding from the
+study that was not processed or failed, and every result send kept as failed (``--send-to``), with
+a reason a person can act on; ``sends.csv``: every result object and destination with its state. Rebuilding from the
 ledger is what keeps an interrupted-and-resumed run free of duplicate rows.
 """
 
@@ -97,8 +98,13 @@ def write_tables(
     findings: list[dict[str, Any]],
     studies: list[dict[str, Any]],
     file_errors: list[tuple[str, str]],
+    *,
+    sends: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """Write the four tables into ``out``; returns their paths by name."""
+    """Write the four tables into ``out`` (five with ``sends``: every outbox row of a ``--send-to``
+    run, failed ones also in ``errors.csv``); returns their paths by name."""
+    from app.batch.send import SEND_COLUMNS, SENDS_CSV, send_errors
+
     findings = [_renamed(r) for r in findings]
     studies = [_renamed(r) for r in studies]
     paths = {name: out / name for name in (FINDINGS_CSV, FINDINGS_PARQUET, STUDIES_CSV, ERRORS_CSV)}
@@ -111,6 +117,10 @@ def write_tables(
         for s in studies
         if s["outcome"] != "processed"
     ]
+    if sends is not None:
+        paths[SENDS_CSV] = out / SENDS_CSV
+        _atomic_csv(paths[SENDS_CSV], SEND_COLUMNS, sends)
+        errors += send_errors(sends)
     _atomic_csv(paths[ERRORS_CSV], ERROR_COLUMNS, errors)
     logger.info("tables: %d finding rows, %d studies, %d errors", len(findings), len(studies), len(errors))
     return paths

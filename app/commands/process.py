@@ -15,8 +15,10 @@ HELP = (
     "OUT/errors.csv (every skipped file and unprocessed study, with the reason). Resumable: a rerun "
     "skips studies already finished (unless --force); an interrupted run resumes. With --from-pacs "
     "the studies come from a C-FIND at the PACS and are retrieved one by one (C-GET) into a bounded "
-    "cache. Exit codes: 0 done (see errors.csv), 1 error or failed studies, 2 bad usage, 130 "
-    "interrupted. Research use only."
+    "cache. With --send-to the SR, SEG and text SR of every processed study are pushed by C-STORE "
+    "through the node's outbox (retried with backoff; OUT/sends.csv; a rerun resumes unsent results "
+    "and never resends delivered ones). Exit codes: 0 done (see errors.csv), 1 error, failed "
+    "studies or results not delivered, 2 bad usage, 130 interrupted. Research use only."
 )
 
 
@@ -78,7 +80,30 @@ def process(
         metavar="AE@HOST:PORT",
         help="Query and retrieve the studies from this PACS instead of ARCHIVE.",
     ),
-    calling_ae: str = typer.Option("HYPERCT", "--calling-ae", help="Our AE title towards the PACS."),
+    calling_ae: str = typer.Option(
+        "HYPERCT", "--calling-ae", help="Our AE title towards the PACS (--from-pacs and --send-to)."
+    ),
+    send_to: list[str] = typer.Option(
+        None,
+        "--send-to",
+        metavar="AE@HOST:PORT",
+        help="Push each processed study's SR, SEG and text SR to this PACS (C-STORE; repeatable).",
+    ),
+    send_wait: float = typer.Option(
+        300.0,
+        "--send-wait",
+        min=0.0,
+        help="At the end, wait at most this many seconds for results not yet delivered (then rerun).",
+    ),
+    send_attempts: int = typer.Option(
+        8, "--send-attempts", min=1, help="Tries per result object before it is kept as failed."
+    ),
+    send_retry_delay: float = typer.Option(
+        10.0,
+        "--send-retry-delay",
+        min=0.0,
+        help="Seconds before the first retry of a transient failure (doubles each time, at most 1 h).",
+    ),
     cache_gb: float = typer.Option(
         50.0,
         "--cache-gb",
@@ -107,6 +132,24 @@ def process(
         )
     except OSError as exc:
         raise typer.BadParameter(str(exc)) from None
+    send = None
+    if send_to:
+        from app.batch.send import SendConfig
+        from operators.dicom_network import RemoteNode
+        from operators.dicom_sender import RetryPolicy
+
+        for dest in send_to:
+            try:
+                RemoteNode.parse(dest)
+            except ValueError as exc:
+                raise typer.BadParameter(f"--send-to {dest}: {exc}") from None
+        send = SendConfig(
+            destinations=tuple(dict.fromkeys(send_to)),
+            calling_ae=calling_ae,
+            retry=RetryPolicy(max_attempts=send_attempts, initial_delay_s=send_retry_delay),
+            wait_s=send_wait,
+            resend=force,
+        )
     # Heavy imports (MONAI Deploy, Holoscan) only once the arguments are known to be usable.
     from app.batch.runner import BatchConfig, run_batch
     from app.commands.run import default_model_path
@@ -124,6 +167,7 @@ def process(
         filters=filters,
         max_extract_bytes=int(cache_gb * 1024**3),
         show_progress=not quiet,
+        send=send,
     )
     source = None
     if from_pacs:
@@ -139,7 +183,8 @@ def process(
         print_report(report)
     if report.interrupted:
         raise typer.Exit(130)
-    raise typer.Exit(1 if report.outcomes.get("failed") else 0)
+    undelivered = report.sends is not None and (report.sends.get("pending") or report.sends.get("failed"))
+    raise typer.Exit(1 if report.outcomes.get("failed") or undelivered else 0)
 
 
 def print_report(report: object) -> None:
@@ -170,6 +215,14 @@ def print_report(report: object) -> None:
         console.print(f"already in the ledger (skipped; --force to redo): {report.already_done}")
     done = ", ".join(f"{n} {k}" for k, n in sorted(report.outcomes.items())) or "nothing to do"
     console.print(f"this run: {done} in {report.seconds:.1f} s ({report.studies_per_hour:,.0f} studies/h)")
+    if report.sends is not None:
+        sent, pending, failed = (report.sends.get(k, 0) for k in ("sent", "pending", "failed"))
+        hint = (
+            " (rerun the same command to send them; failed ones are in errors.csv)"
+            if pending or failed
+            else ""
+        )
+        console.print(f"sends: {sent} delivered, {pending} pending, {failed} failed{hint}")
     for name, path in report.tables.items():
         console.print(f"  {name}: {path}")
     if report.interrupted:

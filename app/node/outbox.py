@@ -7,11 +7,16 @@ error (connection refused, timeout, 0xA7xx) is retried after ``RetryPolicy.delay
 permanent one (association rejected, a failure status) or ``max_attempts`` spent marks the row
 *failed*: kept, visible in ``hyperct jobs show`` / ``hyperct status``, re-queued by
 ``hyperct jobs retry``.
+
+The node queues rows when a job finishes (:meth:`State.finish_job`); ``hyperct process --send-to``
+queues a batch study's results with :meth:`State.enqueue_results` into a database of the same
+schema under its OUT folder and sends them with this same class (:meth:`Outbox.drain` at the end).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -24,6 +29,39 @@ from operators.dicom_network import RemoteNode, TlsConfig
 from operators.dicom_sender import RetryPolicy, send_files
 
 logger = logging.getLogger(__name__)
+
+#: The result objects of a processed study that go to the destinations (``summary["files"]`` keys).
+OUTPUT_KEYS = ("sr", "seg", "text_sr")
+
+
+def result_outputs(summary: dict[str, Any], output: Path, data_dir: Path) -> list[tuple[str, str]]:
+    """``(SOP Instance UID, path relative to data_dir)`` of a processed study's SR, SEG and text SR
+    (``summary["files"]`` paths are relative to ``output``), each fsynced with its folder first: the
+    outbox must still find them after a power loss."""
+    outputs = []
+    for key in OUTPUT_KEYS:
+        rel = summary["files"].get(key)
+        if rel:
+            path = output / rel
+            _fsync(path)
+            outputs.append((_sop_uid(path), path.relative_to(data_dir).as_posix()))
+    for folder in {output / p for p in (Path(r).parent for r in summary["files"].values())}:
+        _fsync(folder)
+    return outputs
+
+
+def _sop_uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Outbox:
@@ -86,6 +124,32 @@ class Outbox:
                 self.failed += 1
                 logger.error("send of %s to %s failed after %d attempt(s), kept as failed: %s",
                              item.sop_uid, dest, attempt, detail)  # fmt: skip
+
+    def drain(
+        self,
+        timeout_s: float,
+        *,
+        poll_interval_s: float = 0.5,
+        on_pass: Callable[[dict[str, int]], None] | None = None,
+    ) -> dict[str, int]:
+        """Send until nothing is pending or ``timeout_s`` has passed (rows waiting for a retry are
+        waited for, within the bound); ``on_pass`` gets the row counts by state after each pass.
+        Returns the final counts (``pending`` left are kept for the next run)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - same as run(): logged, the rows stay pending
+                logger.exception("outbox pass failed")
+            counts = self.state.outbox_counts()
+            if on_pass is not None:
+                on_pass(counts)
+            left = deadline - time.monotonic()
+            if not counts.get("pending") or left <= 0:
+                return counts
+            due = self.state.next_outbox_due()
+            wait = poll_interval_s if due is None else max(due - time.time(), 0.0)
+            time.sleep(min(max(wait, 0.05), left))
 
     def run(self, stop: threading.Event, poll_interval_s: float = 1.0) -> None:
         """Loop until ``stop`` is set (the current batch always finishes and is recorded)."""

@@ -455,15 +455,8 @@ class State:
             )
             if outcome == "failed":
                 self._error(db, "job", reason, job.study_uid, job_id=job.id, now=now)
-            for sop_uid, path in outputs if outcome == "processed" else ():
-                for dest in destinations:
-                    db.execute(
-                        "INSERT INTO outbox (job_id, study_uid, destination, sop_uid, path, state, next_attempt_at, created_at)"
-                        " VALUES (?,?,?,?,?,'pending',?,?) ON CONFLICT(destination, sop_uid) DO UPDATE SET"
-                        " job_id=excluded.job_id, path=excluded.path, state='pending', attempts=0,"
-                        " next_attempt_at=excluded.next_attempt_at, last_error=NULL, sent_at=NULL",
-                        (job.id, job.study_uid, dest, sop_uid, path, now, now),
-                    )
+            if outcome == "processed":
+                self._queue_outputs(db, job.id, job.study_uid, outputs, destinations, now=now)
             db.execute(
                 "UPDATE studies SET state=?, updated_at=?, error=? WHERE study_uid=?",
                 (study_state, now, reason if outcome == "failed" else None, job.study_uid),
@@ -544,6 +537,100 @@ class State:
     # ------------------------------------------------------------------------------------------
     # Outbox
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _queue_outputs(db: sqlite3.Connection, job_id: int, study_uid: str, outputs: list[tuple[str, str]],
+                       destinations: list[str], *, now: float, keep_sent: bool = False) -> None:  # fmt: skip
+        """One outbox row per (destination, output SOP Instance UID): a new row is ``pending``; an
+        existing one (a reprocess: same deterministic UIDs) is re-queued in place, never doubled —
+        unless ``keep_sent`` and it was already delivered, then it stays ``sent``."""
+        for sop_uid, path in outputs:
+            for dest in destinations:
+                db.execute(
+                    "INSERT INTO outbox (job_id, study_uid, destination, sop_uid, path, state, next_attempt_at, created_at)"
+                    " VALUES (?,?,?,?,?,'pending',?,?) ON CONFLICT(destination, sop_uid) DO UPDATE SET"
+                    " job_id=excluded.job_id, path=excluded.path, state='pending', attempts=0,"
+                    " next_attempt_at=excluded.next_attempt_at, last_error=NULL, sent_at=NULL"
+                    " WHERE NOT (? AND outbox.state='sent')",
+                    (job_id, study_uid, dest, sop_uid, path, now, now, int(keep_sent)),
+                )
+
+    def enqueue_results(
+        self,
+        study_uid: str,
+        outputs: list[tuple[str, str]],
+        destinations: list[str],
+        *,
+        output_dir: str = "",
+        reason: str = "",
+        resend: bool = False,
+        now: float | None = None,
+    ) -> int:
+        """Queue a study's result objects ``(sop_uid, path relative to the data folder)`` for every
+        destination, outside the node's receive → job flow (``hyperct process --send-to``).
+
+        One transaction records a finished job (so ``hyperct jobs`` / ``hyperct status`` show it like
+        a node job), the study (``sending`` until its rows are sent, then ``done``) and the outbox
+        rows; the :class:`~app.node.outbox.Outbox` sends them with its retry policy. Calling it again
+        for the same results is safe: pending and failed rows are re-queued in place, and rows
+        already delivered stay ``sent`` unless ``resend``. Returns the job id."""
+        now = self.clock() if now is None else now
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM studies WHERE study_uid=?", (study_uid,)).fetchone() is None:
+                db.execute(
+                    "INSERT INTO studies (study_uid, state, first_received, last_received, updated_at)"
+                    " VALUES (?,?,?,?,?)",
+                    (study_uid, "sending", now, now, now),
+                )
+            cur = db.execute(
+                "INSERT INTO jobs (study_uid, generation, state, attempts, created_at, started_at, finished_at,"
+                " outcome, reason, output_dir) SELECT study_uid, generation, 'done', 1, ?, ?, ?, 'processed', ?, ?"
+                " FROM studies WHERE study_uid=?",
+                (now, now, now, reason, output_dir, study_uid),
+            )
+            job_id = int(cur.lastrowid)
+            self._queue_outputs(db, job_id, study_uid, outputs, destinations, now=now, keep_sent=not resend)
+            self._settle_study(db, study_uid, now)
+            return job_id
+
+    @staticmethod
+    def _settle_study(db: sqlite3.Connection, study_uid: str, now: float) -> None:
+        left = db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE study_uid=? AND state!='sent'", (study_uid,)
+        ).fetchone()[0]
+        db.execute(
+            "UPDATE studies SET state=?, error=NULL, updated_at=? WHERE study_uid=?",
+            ("sending" if left else "done", now, study_uid),
+        )
+
+    def requeue_outbox(self, *, include_failed: bool = True, now: float | None = None) -> int:
+        """Make every pending row due now and (``include_failed``) give failed rows a fresh set of
+        attempts: what a rerun of ``hyperct process --send-to`` does first. Returns the rows due."""
+        now = self.clock() if now is None else now
+        with self.transaction() as db:
+            if include_failed:
+                uids = [
+                    r[0] for r in db.execute("SELECT DISTINCT study_uid FROM outbox WHERE state='failed'")
+                ]
+                db.execute(
+                    "UPDATE outbox SET state='pending', attempts=0, last_error=NULL WHERE state='failed'"
+                )
+                for uid in uids:
+                    self._settle_study(db, uid, now)
+            return db.execute("UPDATE outbox SET next_attempt_at=? WHERE state='pending'", (now,)).rowcount
+
+    def outbox_counts(self) -> dict[str, int]:
+        """Outbox rows by state (``pending``, ``sent``, ``failed``)."""
+        return {r[0]: int(r[1]) for r in self.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
+
+    def outbox_rows(self) -> list[dict[str, Any]]:
+        """Every outbox row, oldest first (the batch run's ``sends.csv``)."""
+        return [dict(r) for r in self.query("SELECT * FROM outbox ORDER BY study_uid, destination, id")]
+
+    def next_outbox_due(self) -> float | None:
+        """When the earliest pending row is due (None when nothing is pending)."""
+        row = self.query("SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'")[0]
+        return None if row[0] is None else float(row[0])
+
     def due_outbox(self, *, now: float | None = None, limit: int = 100) -> list[OutboxItem]:
         now = self.clock() if now is None else now
         rows = self.query(

@@ -23,11 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app.node.outbox import result_outputs
 from app.node.state import Job, State
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_KEYS = ("sr", "seg", "text_sr")
 
 
 class Worker:
@@ -143,16 +142,7 @@ class Worker:
                 "reason": "the pipeline returned no record for the study",
                 "files": {},
             }
-        outputs = []
-        if summary["outcome"] == "processed":
-            for key in OUTPUT_KEYS:
-                rel = summary["files"].get(key)
-                if rel:
-                    path = output / rel
-                    _fsync(path)  # the outbox must find them after a power loss
-                    outputs.append((_sop_uid(path), path.relative_to(self.data_dir).as_posix()))
-            for folder in {output / p for p in (Path(r).parent for r in summary["files"].values())}:
-                _fsync(folder)
+        outputs = result_outputs(summary, output, self.data_dir) if summary["outcome"] == "processed" else []
         final = self.state.finish_job(
             job,
             summary["outcome"],
@@ -165,17 +155,3 @@ class Worker:
             "job %d: study %s %s in %.1f s (%d result object(s))",
             job.id, job.study_uid, final, time.monotonic() - started, len(outputs),
         )  # fmt: skip
-
-
-def _sop_uid(path: Path) -> str:
-    from pydicom import dcmread
-
-    return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

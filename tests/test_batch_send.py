@@ -1,0 +1,215 @@
+"""``hyperct process --send-to``: results go out through the node's outbox, once, and resume on a rerun."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from app.batch.runner import BatchConfig, run_batch
+from app.batch.send import SendConfig
+from app.cli import cli
+from app.node.state import State
+from operators.dicom_sender import RetryPolicy
+from operators.model_runner import HyperCTRunner
+from tests.app_fixtures import export_tiny_model
+from tests.batch_fixtures import read_csv, study_dir, study_uid
+from tests.dicom_fixtures import dciodvfy
+from tests.peers import StoreSCP, free_port
+
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir: Path) -> HyperCTRunner:
+    return HyperCTRunner(model_dir)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two short eligible studies of two patients."""
+    arch = tmp_path_factory.mktemp("archive")
+    for i in range(2):
+        study_dir(arch / f"s{i}", 40 + i, slices=60)
+    return arch
+
+
+def _results(out: Path, uids: list[str]) -> dict[str, tuple[str, str]]:
+    """SOP Instance UID -> (study, file name) of every SR / SEG / text SR the run wrote."""
+    found = {}
+    for uid in uids:
+        files = json.loads((out / uid / "results.json").read_text())["outputs"]["files"]
+        for key in ("sr", "seg", "text_sr"):
+            path = out / files[key]
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            found[str(ds.SOPInstanceUID)] = (uid, path.name)
+    return found
+
+
+def _received(scp: StoreSCP) -> Counter[str]:
+    """SOP Instance UIDs received, counted (storescp +uf: a second copy gets a file of its own)."""
+    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in scp.files())
+
+
+def _send(dest: str, **kw: object) -> SendConfig:
+    retry = RetryPolicy(max_attempts=kw.pop("attempts", 8), initial_delay_s=0.2)  # type: ignore[arg-type]
+    return SendConfig(destinations=(dest,), retry=retry, poll_interval_s=0.2, **kw)  # type: ignore[arg-type]
+
+
+def test_each_study_results_arrive_once_and_valid(
+    tmp_path: Path, archive: Path, model_dir: Path, runner: HyperCTRunner
+) -> None:
+    out = tmp_path / "out"
+    uids = sorted(study_uid(next(p.iterdir())) for p in archive.iterdir())
+    with StoreSCP(tmp_path / "pacs", extra_args=("+uf",)) as scp:
+        dest = f"{scp.ae_title}@127.0.0.1:{scp.port}"
+        cfg = BatchConfig(output=out, model=model_dir, archive=archive, show_progress=False, send=_send(dest))
+        report = run_batch(cfg, runner=runner)
+        assert report.outcomes == {"processed": 2}
+        expected = _results(out, uids)
+        kinds = Counter(name.split("_", 1)[0] for _, name in expected.values())
+        assert kinds == {"SR": 2, "SEG": 2, "TXT": 2}, expected  # SR, SEG, text SR of each study
+        assert report.sends == {"sent": 6}
+        assert _received(scp) == Counter(set(expected))  # exactly these objects, each once
+        for path in scp.files():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert expected[str(ds.SOPInstanceUID)][0] == ds.StudyInstanceUID  # the study it belongs to
+            errors, _ = dciodvfy(path)
+            assert errors == [], (path.name, errors)
+        # A rerun with the same destination: nothing to process, nothing sent again.
+        again = run_batch(cfg, runner=runner)
+        assert again.already_done == 2 and not again.outcomes
+        assert again.sends == {"sent": 6}
+        assert _received(scp) == Counter(set(expected))
+    sends = read_csv(out / "sends.csv")
+    assert {(r["sop_instance_uid"], r["state"], r["destination"]) for r in sends} == {
+        (sop, "sent", dest) for sop in expected
+    }
+    assert all(r["path"] == f"{expected[r['sop_instance_uid']][0]}/{Path(r['path']).name}" for r in sends)
+    assert not [e for e in read_csv(out / "errors.csv") if e["kind"] == "send"]
+    # The node's own views read the batch outbox.
+    state = State(out / "_batch" / "state.sqlite")
+    try:
+        counts = state.counts()
+        assert counts["studies"] == {"done": 2} and counts["outbox"] == {"sent": 6}
+        assert counts["jobs"] == {"done": 2}
+    finally:
+        state.close()
+    shown = CliRunner().invoke(cli, ["status", "--data-dir", str(out / "_batch")])
+    assert shown.exit_code == 0, shown.output
+    assert "outbox: sent 6" in shown.output
+
+
+def test_destination_down_then_up_rerun_delivers_without_duplicates(
+    tmp_path: Path, archive: Path, model_dir: Path
+) -> None:
+    out = tmp_path / "out"
+    port = free_port()  # nothing listens yet: connection refused, a transient error
+    dest = f"PACS@127.0.0.1:{port}"
+    base = ["process", str(archive), str(out), "-m", str(model_dir), "--send-to", dest]
+    base += ["--send-retry-delay", "0.2"]
+    down = CliRunner().invoke(cli, [*base, "-q", "--send-wait", "1"])
+    assert down.exit_code == 1, down.output  # processed, but results not delivered
+    rows = read_csv(out / "sends.csv")
+    assert len(rows) == 6 and {r["state"] for r in rows} == {"pending"}
+    assert all(int(r["attempts"]) >= 1 and r["last_error"] for r in rows)
+    with StoreSCP(tmp_path / "pacs", port=port, ae_title="PACS", extra_args=("+uf",)) as scp:
+        up = CliRunner().invoke(cli, [*base, "--send-wait", "60"])
+        assert up.exit_code == 0, up.output
+        assert "already in the ledger (skipped; --force to redo): 2" in up.output  # not recomputed
+        assert "sends: 6 delivered, 0 pending, 0 failed" in up.output
+        received = _received(scp)
+        assert sorted(received.values()) == [1] * 6
+        assert set(received) == {r["sop_instance_uid"] for r in rows}
+        third = CliRunner().invoke(cli, [*base, "-q"])
+        assert third.exit_code == 0, third.output
+        assert _received(scp) == received  # delivered objects are never sent again
+    ledger = read_csv(out / "studies.csv")
+    assert [r["outcome"] for r in ledger] == ["processed", "processed"]
+    assert {r["state"] for r in read_csv(out / "sends.csv")} == {"sent"}
+
+
+def test_rejected_sends_are_listed_and_never_stop_the_batch(
+    tmp_path: Path, archive: Path, model_dir: Path, runner: HyperCTRunner
+) -> None:
+    out = tmp_path / "out"
+    with StoreSCP(tmp_path / "pacs", refuse=True) as scp:  # association rejected: permanent
+        dest = f"{scp.ae_title}@127.0.0.1:{scp.port}"
+        report = run_batch(
+            BatchConfig(output=out, model=model_dir, archive=archive, show_progress=False, send=_send(dest)),
+            runner=runner,
+        )
+        assert scp.files() == []
+    assert report.outcomes == {"processed": 2}
+    assert report.sends == {"failed": 6}
+    errors = [e for e in read_csv(out / "errors.csv") if e["kind"] == "send"]
+    assert len(errors) == 6
+    assert all(e["item"].startswith(dest + " ") and "failed after 1 attempt" in e["reason"] for e in errors)
+    # A rerun against a working destination re-queues the failed sends (no recompute).
+    with StoreSCP(tmp_path / "pacs2", extra_args=("+uf",)) as good:
+        fixed = f"{good.ae_title}@127.0.0.1:{good.port}"
+        report = run_batch(
+            BatchConfig(output=out, model=model_dir, archive=archive, show_progress=False, send=_send(fixed)),
+            runner=runner,
+        )
+        assert report.already_done == 2
+        # The old destination's rows are retried too (still refused), the new one gets everything.
+        assert report.sends == {"sent": 6, "failed": 6}
+        assert sorted(_received(good).values()) == [1] * 6
+
+
+def test_enqueue_results_keeps_delivered_rows_and_requeues_the_rest(tmp_path: Path) -> None:
+    state = State(tmp_path / "state.sqlite", clock=lambda: 100.0)
+    try:
+        outputs = [("1.2.3.1", "S/SR_1.dcm"), ("1.2.3.2", "S/SEG_2.dcm")]
+        job = state.enqueue_results("1.2.3", outputs, ["A@h:1", "B@h:2"], output_dir="S")
+        assert state.job_details(job)["state"] == "done" and state.studies()[0]["state"] == "sending"
+        due = state.due_outbox()
+        assert {(i.destination, i.sop_uid) for i in due} == {
+            (d, s) for d in ("A@h:1", "B@h:2") for s in ("1.2.3.1", "1.2.3.2")
+        }
+        for item in due:
+            if item.destination == "A@h:1":
+                state.outbox_result(item, True, "ok", next_attempt_at=None)
+            else:
+                state.outbox_result(item, False, "rejected", next_attempt_at=None)
+        assert state.outbox_counts() == {"sent": 2, "failed": 2}
+        assert state.studies()[0]["state"] == "failed"
+        # Queued again (a study redone after a kill): delivered rows stay sent, failed ones re-queued.
+        state.enqueue_results("1.2.3", outputs, ["A@h:1", "B@h:2"], output_dir="S")
+        assert state.outbox_counts() == {"sent": 2, "pending": 2}
+        assert {i.destination for i in state.due_outbox()} == {"B@h:2"}
+        assert state.studies()[0]["state"] == "sending"
+        # resend (--force): everything goes again, still one row per destination and object.
+        state.enqueue_results("1.2.3", outputs, ["A@h:1", "B@h:2"], output_dir="S", resend=True)
+        assert state.outbox_counts() == {"pending": 4}
+        assert len(state.jobs()) == 3
+    finally:
+        state.close()
+
+
+def test_requeue_outbox_makes_pending_due_and_retries_failed(tmp_path: Path) -> None:
+    now = [100.0]
+    state = State(tmp_path / "state.sqlite", clock=lambda: now[0])
+    try:
+        state.enqueue_results("9.9", [("9.9.1", "x.dcm"), ("9.9.2", "y.dcm")], ["A@h:1"])
+        first, second = state.due_outbox()
+        state.outbox_result(first, False, "refused", next_attempt_at=1000.0)
+        state.outbox_result(second, False, "rejected", next_attempt_at=None)
+        assert state.due_outbox() == [] and state.next_outbox_due() == 1000.0
+        now[0] = 200.0
+        assert state.requeue_outbox() == 2
+        assert [i.sop_uid for i in state.due_outbox()] == ["9.9.1", "9.9.2"]
+        assert [i.attempts for i in state.due_outbox()] == [1, 0]  # failed rows get fresh attempts
+        assert state.studies()[0]["state"] == "sending"
+    finally:
+        state.close()
