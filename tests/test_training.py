@@ -28,7 +28,7 @@ from training.data import (
     synthetic_records,
 )
 from training.tasks import TaskRegistry
-from training.train import read_predictions, train
+from training.train import read_predictions, subsample_images, train
 
 ROOT = Path(__file__).resolve().parents[1]
 REG = TaskRegistry.load()
@@ -341,3 +341,18 @@ def test_command_module_does_not_import_torch_at_import() -> None:
     code = "import sys, app.commands.train; print(','.join(m for m in ('torch', 'training') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_train_images_subsamples_valid_images_only_and_reproducibly() -> None:
+    """``data.train_images``: k of each scan's *valid* images, in slice order, same draw for the same seed."""
+    images = torch.arange(2 * 6, dtype=torch.float32).reshape(2, 6, 1, 1, 1).expand(2, 6, 3, 2, 2).clone()
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    out, m = subsample_images(images, mask, 3, np.random.default_rng(5))
+    again, _ = subsample_images(images, mask, 3, np.random.default_rng(5))
+    assert out.shape == (2, 3, 3, 2, 2) and torch.equal(out, again)
+    first = out[0, :, 0, 0, 0].tolist()
+    assert m[0].all() and first == sorted(first) and len(set(first)) == 3 and all(0 <= v < 6 for v in first)
+    assert m[1].tolist() == [True, True, False]  # only 2 valid images: both kept, the rest masked out
+    assert out[1, :2, 0, 0, 0].tolist() == [6.0, 7.0]
+    with pytest.raises(ConfigError, match="data.train_images"):
+        load_config(None, ["data.train_images=-1"])

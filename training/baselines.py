@@ -171,7 +171,7 @@ def _fit(
         train_ds.set_epoch(epoch)
         order = np.random.default_rng(epoch_seed(cfg.seed, epoch, 1)).permutation(len(train_ds)).tolist()
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=order, collate_fn=collate,
-                            num_workers=cfg.data.workers)  # fmt: skip
+                            num_workers=cfg.data.loader_workers)  # fmt: skip
         total, steps = 0.0, 0
         bar = _Progress(cfg.progress, len(loader), f"{label} {epoch + 1}/{cfg.epochs}")
         for batch in loader:

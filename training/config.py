@@ -129,8 +129,14 @@ class DataConfig:
     augment: bool = True
     #: Go on past unreadable volumes / bad label rows (warn, count) instead of stopping.
     skip_bad: bool = False
-    #: Loader worker processes (0 = main process).
+    #: Processes that read + preprocess volumes into the cache before training (0 = this process).
     workers: int = 0
+    #: DataLoader worker processes (0 = main process; cached reads are cheap, so 0 is usually best).
+    loader_workers: int = 0
+    #: Training only: each scan contributes a random subset of this many of its images per step
+    #: (0 = all images, the paper). Validation, evaluation and serving always use every image; the
+    #: masked mean pools any number of images, so this only makes a step cheaper (docs/training.md §8).
+    train_images: int = 0
 
 
 @dataclass
@@ -189,6 +195,7 @@ class RunConfig:
             f"must be cosine, step or constant, got {self.schedule.kind!r}",
         )
         need(self.model.rank >= 1, "model.rank", "must be >= 1")
+        need(self.data.train_images >= 0, "data.train_images", f"must be >= 0, got {self.data.train_images}")
         need(self.model.head_in_dim >= 1, "model.head_in_dim", "must be >= 1")
         d = self.data
         need(
@@ -205,6 +212,7 @@ class RunConfig:
         need(0 < syn.prevalence < 1, "data.synthetic.prevalence", "must be in (0, 1)")
         need(syn.geometry in ("model", "varied"), "data.synthetic.geometry", "must be model or varied")
         need(d.workers >= 0, "data.workers", "must be >= 0")
+        need(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
         if d.kind in ("ctrate", "dicom", "synthetic_dicom"):
             need(bool(d.root), "data.root", f"is required for data.kind={d.kind}")
             if d.kind != "synthetic_dicom":

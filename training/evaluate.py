@@ -196,7 +196,7 @@ def evaluate_checkpoint(
         raise DataError(f"no scans to evaluate in split {split!r}")
     ds = ScanDataset(evaluated, pre, cache, skip_bad=cfg.data.skip_bad)
     scores = predict(model, ds, tasks, batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision,
-                     workers=cfg.data.workers, progress=cfg.progress)  # fmt: skip
+                     workers=cfg.data.loader_workers, progress=cfg.progress)  # fmt: skip
     labels = ds.labels().astype(float)
 
     val_y = val_s = None

@@ -250,6 +250,27 @@ def mean_auroc(
     return (float(np.mean(vals)) if vals else math.nan), per
 
 
+def subsample_images(
+    images: torch.Tensor, mask: torch.Tensor, k: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scan, ``k`` of its valid images drawn without replacement (in slice order) → ``[B, k, ...]``.
+
+    ``data.train_images`` (training only): a scan with fewer valid images keeps all of them, padded
+    with masked-out rows. One draw per scan from ``rng``, so a resumed epoch repeats it.
+    """
+    b, n = mask.shape
+    if k >= n:
+        return images, mask
+    out = images.new_zeros((b, k, *images.shape[2:]))
+    out_mask = torch.zeros((b, k), dtype=torch.bool)
+    for i in range(b):
+        valid = np.flatnonzero(mask[i].numpy())
+        pick = np.sort(rng.choice(valid, size=min(k, valid.size), replace=False)) if valid.size else valid
+        out[i, : pick.size] = images[i, torch.from_numpy(pick)]
+        out_mask[i, : pick.size] = True
+    return out, out_mask
+
+
 # --------------------------------------------------------------------------------------------------
 # Results
 
@@ -535,8 +556,9 @@ def train(
         train_ds.set_epoch(epoch)
         order = np.random.default_rng(epoch_seed(cfg.seed, epoch, 1)).permutation(len(train_ds)).tolist()
         task_rng = np.random.default_rng(epoch_seed(cfg.seed, epoch, 2))
+        image_rng = np.random.default_rng(epoch_seed(cfg.seed, epoch, 3))
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=order, collate_fn=collate,
-                            num_workers=cfg.data.workers, persistent_workers=False)  # fmt: skip
+                            num_workers=cfg.data.loader_workers, persistent_workers=False)  # fmt: skip
         lr = opt.param_groups[0]["lr"]
         total_loss, n_seen, n_dropped, n_bad = 0.0, 0, 0, 0
         bar = _Progress(cfg.progress, len(loader), f"epoch {epoch + 1}/{cfg.epochs}")
@@ -551,8 +573,11 @@ def train(
                 bar.update()
                 continue
             idx = torch.from_numpy(keep)
-            images = batch.images[idx].to(device, non_blocking=True)
-            mask = batch.mask[idx].to(device)
+            images, mask = batch.images[idx], batch.mask[idx]
+            if cfg.data.train_images:
+                images, mask = subsample_images(images, mask, cfg.data.train_images, image_rng)
+            images = images.to(device, non_blocking=True)
+            mask = mask.to(device)
             ids = torch.from_numpy(task_ids[cols]).to(device)
             y = torch.from_numpy(target).to(device)
             with autocast(device, cfg.precision):
@@ -582,7 +607,7 @@ def train(
         evaluate_now = len(val_ds) > 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         if evaluate_now:
             val_scores = predict(model, val_ds, task_list, batch_size=cfg.eval_batch_size, device=device,
-                                 precision=cfg.precision, workers=cfg.data.workers)  # fmt: skip
+                                 precision=cfg.precision, workers=cfg.data.loader_workers)  # fmt: skip
             mean, per = mean_auroc(val_ds.labels(), val_scores, task_list)
             row["val_mean_auroc"] = None if math.isnan(mean) else mean
             row.update({f"val_auroc:{t}": v for t, v in per.items()})
