@@ -6,6 +6,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,12 @@ def _loopback_only() -> Iterator[None]:
         socket.socket.connect = _real_connect  # type: ignore[method-assign]
         socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
         socket.getaddrinfo = _real_getaddrinfo
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny exported test model (``tests/app_fixtures.export_tiny_model``), built once per session
+    and shared read-only by the application, batch and node tests. Imported lazily: it needs torch."""
+    from tests.app_fixtures import export_tiny_model
+
+    return export_tiny_model(tmp_path_factory.mktemp("model"))

@@ -17,7 +17,7 @@ import pytest
 from app.app import EXIT_NOT_PROCESSED, exit_code, process_folder
 from app.synth import PatientPosition
 from operators.model_runner import HyperCTRunner
-from tests.app_fixtures import export_tiny_model, small_study
+from tests.app_fixtures import small_study
 from tests.dicom_fixtures import dciodvfy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,17 +27,14 @@ pytestmark = pytest.mark.peers
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture(scope="module")
 def runner(model_dir: Path) -> HyperCTRunner:
     return HyperCTRunner(model_dir)
 
 
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory: pytest.TempPathFactory, runner: HyperCTRunner, model_dir: Path) -> tuple[Path, Path]:
+def processed(
+    tmp_path_factory: pytest.TempPathFactory, runner: HyperCTRunner, model_dir: Path
+) -> tuple[Path, Path]:
     """One study with scout + thick + contrast + MR distractors, processed once for several tests."""
     study = small_study(tmp_path_factory.mktemp("in"), extras=("scout", "thick", "contrast", "mr"))
     out = tmp_path_factory.mktemp("out")
@@ -94,10 +91,15 @@ def test_sr_reads_back_exactly_what_results_json_says(processed: tuple[Path, Pat
     for item in sr.ContentSequence:
         for sub in getattr(item, "ContentSequence", []):
             for leaf in getattr(sub, "ContentSequence", []):
-                if leaf.ValueType == "NUM" and "Probability of finding" in leaf.ConceptNameCodeSequence[0].CodeMeaning:
-                    found[sub.ContentSequence[0].TextValue if sub.ContentSequence[0].ValueType == "TEXT" else len(found)] = (
-                        float(leaf.MeasuredValueSequence[0].FloatingPointValue)
-                    )
+                if (
+                    leaf.ValueType == "NUM"
+                    and "Probability of finding" in leaf.ConceptNameCodeSequence[0].CodeMeaning
+                ):
+                    found[
+                        sub.ContentSequence[0].TextValue
+                        if sub.ContentSequence[0].ValueType == "TEXT"
+                        else len(found)
+                    ] = float(leaf.MeasuredValueSequence[0].FloatingPointValue)
     expected = sorted(t["probability"] for t in results["tasks"])
     assert sorted(found.values()) == expected, "SR probabilities must equal results.json bit for bit"
 
@@ -133,7 +135,9 @@ def test_python_m_app_with_holoscan_variables(tmp_path: Path, model_dir: Path) -
         HOLOSCAN_OUTPUT_PATH=str(tmp_path / "out"),
         HOLOSCAN_MODEL_PATH=str(model_dir.parent),
     )
-    proc = subprocess.run([sys.executable, "-m", "app"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     outcome = json.loads((tmp_path / "out" / "outcome.json").read_text())
     (record,) = outcome["studies"]
@@ -151,7 +155,9 @@ def test_hyperct_run_exit_code_for_nothing_eligible(tmp_path: Path, model_dir: P
     assert result.exit_code == EXIT_NOT_PROCESSED, result.output
 
 
-def test_mr_only_and_corrupt_inputs_end_with_clear_outcomes(tmp_path: Path, runner: HyperCTRunner, model_dir: Path) -> None:
+def test_mr_only_and_corrupt_inputs_end_with_clear_outcomes(
+    tmp_path: Path, runner: HyperCTRunner, model_dir: Path
+) -> None:
     mr_study = small_study(tmp_path / "mr", extras=("mr",))
     for axial in mr_study.glob("*/0[1-4]_*"):
         shutil.rmtree(axial)
@@ -169,7 +175,9 @@ def test_mr_only_and_corrupt_inputs_end_with_clear_outcomes(tmp_path: Path, runn
     assert exit_code(summaries, map_entry=True) == 0
 
 
-def test_corrupt_file_inside_a_good_study_does_not_stop_it(tmp_path: Path, runner: HyperCTRunner, model_dir: Path) -> None:
+def test_corrupt_file_inside_a_good_study_does_not_stop_it(
+    tmp_path: Path, runner: HyperCTRunner, model_dir: Path
+) -> None:
     study = small_study(tmp_path / "in")
     (next(study.glob("*/02_axial")) / "zz-broken.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"garbage")
     summaries = process_folder(study, tmp_path / "out", model_dir, runner=runner)

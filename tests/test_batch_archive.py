@@ -16,15 +16,10 @@ from app.app import process_folder
 from app.batch.filters import StudyFilter
 from app.batch.runner import BatchConfig, run_batch
 from operators.model_runner import HyperCTRunner
-from tests.app_fixtures import TINY_TASKS, export_tiny_model
+from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import copy_study, read_csv, strip_suffixes, study_dir, study_uid, zip_folder
 
 pytestmark = pytest.mark.peers
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

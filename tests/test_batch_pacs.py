@@ -16,17 +16,12 @@ from app.batch.runner import BatchConfig, run_batch
 from operators.dicom_network import RemoteNode
 from operators.dicom_query import StudyQuery, find_studies, get_study
 from operators.model_runner import HyperCTRunner
-from tests.app_fixtures import TINY_TASKS, export_tiny_model
+from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import read_csv, study_dir, study_uid
 from tests.peers import LOOPBACK, Orthanc
 
 pytestmark = pytest.mark.peers
 CALLING_AE = "HYPERCT"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

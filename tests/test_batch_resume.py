@@ -13,18 +13,13 @@ import pytest
 
 from app.batch.runner import BatchConfig, run_batch
 from operators.model_runner import HyperCTRunner
-from tests.app_fixtures import TINY_TASKS, export_tiny_model
+from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import read_csv, study_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 N_STUDIES = 4
 
 pytestmark = pytest.mark.peers
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

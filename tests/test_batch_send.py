@@ -16,17 +16,11 @@ from app.cli import cli
 from app.node.state import State
 from operators.dicom_sender import RetryPolicy
 from operators.model_runner import HyperCTRunner
-from tests.app_fixtures import export_tiny_model
 from tests.batch_fixtures import read_csv, study_dir, study_uid
 from tests.dicom_fixtures import dciodvfy
 from tests.peers import StoreSCP, free_port
 
 pytestmark = pytest.mark.peers
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

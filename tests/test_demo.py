@@ -15,14 +15,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.app_fixtures import export_tiny_model
-
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 
-def test_demo_round_trip_through_the_node(tmp_path: Path) -> None:
-    model = export_tiny_model(tmp_path / "model")
-    env = {**os.environ, "HYPERCT_DEMO_MODEL": str(model), "COLUMNS": "200"}
+def test_demo_round_trip_through_the_node(tmp_path: Path, model_dir: Path) -> None:
+    env = {**os.environ, "HYPERCT_DEMO_MODEL": str(model_dir), "COLUMNS": "200"}
     out = tmp_path / "demo-out"
     run = subprocess.run(
         [sys.executable, "-m", "app.demo", str(out)], env=env, capture_output=True, text=True, timeout=600

@@ -30,14 +30,18 @@ def test_only_onnxruntime_gpu_is_installed() -> None:
 
 def test_lock_file_never_pins_plain_onnxruntime() -> None:
     lines = (ROOT / "requirements" / "lock.txt").read_text().splitlines()
-    names = {line.split("==")[0].strip().lower() for line in lines if "==" in line and not line.startswith("#")}
+    names = {
+        line.split("==")[0].strip().lower() for line in lines if "==" in line and not line.startswith("#")
+    }
     assert "onnxruntime-gpu" in names
     assert "onnxruntime" not in names
 
 
 def test_torch_is_pinned_to_the_public_version() -> None:
     lock = (ROOT / "requirements" / "lock.txt").read_text()
-    assert "\ntorch==2.13.0 " in lock, "pin torch==2.13.0 (matches the local +cpu wheel and PyPI's CUDA build)"
+    assert "\ntorch==2.13.0 " in lock, (
+        "pin torch==2.13.0 (matches the local +cpu wheel and PyPI's CUDA build)"
+    )
     assert "+cpu" not in lock
 
 

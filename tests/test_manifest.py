@@ -108,7 +108,9 @@ def test_file_outside_model_folder_is_refused(tmp_path: Path) -> None:
         (lambda d: d.pop("intended_use"), "missing required field 'intended_use'"),
         (lambda d: d.update(tasks=d["tasks"] * 2), "duplicate task keys"),
         (
-            lambda d: d["tasks"][0].update(concept={"value": "X", "scheme_designator": "99OTHER", "meaning": "x"}),
+            lambda d: d["tasks"][0].update(
+                concept={"value": "X", "scheme_designator": "99OTHER", "meaning": "x"}
+            ),
             "private coding scheme '99OTHER' is not declared",
         ),
         (lambda d: d.update(precision="fp8"), "precision must be one of"),

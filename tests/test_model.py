@@ -196,6 +196,7 @@ def test_attention_weights_need_eager(model: HyperCT) -> None:
 def test_onnx_export_smoke(model: HyperCT, tmp_path) -> None:
     """dynamo export of MergedTaskModel with dynamic N, checked in ONNX Runtime (CPU provider)."""
     import onnxruntime as ort
+
     merged = model.merged_task_model(2)
     x, mask = _images(1, 3, seed=9)[0], torch.tensor([True, True, False])
     n = torch.export.Dim("n_images", min=1, max=256)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.node.spool import sha256_file
-from tests.app_fixtures import export_tiny_model, small_study
+from tests.app_fixtures import small_study
 from tests.dicom_fixtures import dciodvfy
 from tests.node_fixtures import SCU_AE, NodeProcess, node_settings, study_files, wait_for
 from tests.peers import LOOPBACK, Orthanc, StoreSCP, free_port, require_binary, storescu
@@ -25,11 +25,6 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.11"}
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

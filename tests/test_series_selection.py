@@ -102,7 +102,9 @@ def test_unspecified_body_part_is_accepted_by_default_and_refusable() -> None:
 
 
 def test_rules_are_data_and_validated() -> None:
-    rules = SelectionRules.from_dict({"min-slices": 10, "slice_thickness_mm": [0.5, 6.0], "contrast": "ignore"})
+    rules = SelectionRules.from_dict(
+        {"min-slices": 10, "slice_thickness_mm": [0.5, 6.0], "contrast": "ignore"}
+    )
     assert rules.min_slices == 10 and rules.slice_thickness_mm == (0.5, 6.0)
     assert SelectionRules.from_dict(rules.to_dict()) == rules
     thick_contrast = _series("1.2.3.2", slice_thickness_mm=5.0, contrast_agent="X", n=20)
@@ -144,6 +146,11 @@ def test_scan_folder_reads_headers_and_skips_non_dicom(tmp_path: Path) -> None:
 
 
 def test_negated_contrast_descriptions_are_not_contrast() -> None:
-    for desc in ("CHEST 2mm NON-CONTRAST AXIAL", "Thorax without contrast", "chest w/o IV contrast", "no contrast"):
+    for desc in (
+        "CHEST 2mm NON-CONTRAST AXIAL",
+        "Thorax without contrast",
+        "chest w/o IV contrast",
+        "no contrast",
+    ):
         s = _series("1.2.3.1", series_description=desc)
         assert select_series([s]).selected is s, desc

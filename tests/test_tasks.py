@@ -348,6 +348,7 @@ def test_manifest_entries_are_plain_json(registry: TaskRegistry) -> None:
 def test_manifest_entries_parse_as_manifest_tasks(registry: TaskRegistry) -> None:
     """Contract with the serving side: operators.manifest accepts what the registry exports."""
     import operators.manifest as manifest
+
     tasks = [
         {**e, "file": f"{e['key']}.onnx", "sha256": "0" * 64, "threshold": 0.5}
         for e in registry.to_manifest_entries()

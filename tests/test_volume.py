@@ -120,6 +120,7 @@ def test_exact_resend_is_used_once(small: Volume, series: list[Dataset]) -> None
 def test_matches_simpleitk(tmp_path: Path, small: Volume, storage: str) -> None:
     """Peer check: SimpleITK/GDCM reads the same voxels and the same geometry (dev extra only)."""
     import SimpleITK as sitk
+
     stored = {"hfs": small, "ffs": flip_volume(small, (0, 2)), "coronal": permute_volume(small, (0, 2, 1))}[
         storage
     ]
