@@ -41,6 +41,22 @@ def _ledger_count(ledger: Path) -> int:
         return 0
 
 
+def _start_and_wait_for_first_study(
+    archive: Path, out: Path, model_dir: Path, ledger: Path
+) -> subprocess.Popen[bytes]:
+    """``hyperct process`` in a subprocess, returned once its first study is in the ledger."""
+    cmd = [sys.executable, "-m", "app.cli", "process", str(archive), str(out), "-m", str(model_dir), "-q"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while _ledger_count(ledger) < 1:
+        assert proc.poll() is None, (
+            f"run ended before its first study finished: {proc.stderr.read().decode()[-2000:]}"  # type: ignore[union-attr]
+        )
+        assert time.monotonic() < deadline, "no study finished within 240 s"
+        time.sleep(0.02)
+    return proc
+
+
 def _rows(out: Path) -> list[tuple[str, ...]]:
     return sorted(tuple(r.values()) for r in read_csv(out / "findings.csv"))
 
@@ -56,15 +72,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path: Path, archive: Path, mo
 
     out = tmp_path / "out"
     ledger = out / "_batch" / "ledger.sqlite"
-    cmd = [sys.executable, "-m", "app.cli", "process", str(archive), str(out), "-m", str(model_dir), "-q"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while _ledger_count(ledger) < 1:
-        assert proc.poll() is None, (
-            f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        )  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "no study finished within 240 s"
-        time.sleep(0.02)
+    proc = _start_and_wait_for_first_study(archive, out, model_dir, ledger)
     proc.kill()  # SIGKILL: no cleanup, no table written
     proc.wait(timeout=30)
     done_before = _ledger_count(ledger)
@@ -92,15 +100,7 @@ def test_ctrl_c_stops_cleanly_with_tables_of_what_finished(
 ) -> None:
     out = tmp_path / "out"
     ledger = out / "_batch" / "ledger.sqlite"
-    cmd = [sys.executable, "-m", "app.cli", "process", str(archive), str(out), "-m", str(model_dir), "-q"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while _ledger_count(ledger) < 1:
-        assert proc.poll() is None, (
-            f"run ended before it could be interrupted: {proc.stderr.read().decode()[-2000:]}"
-        )  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "no study finished within 240 s"
-        time.sleep(0.02)
+    proc = _start_and_wait_for_first_study(archive, out, model_dir, ledger)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     recorded = _ledger_count(ledger)
