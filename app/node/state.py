@@ -378,15 +378,7 @@ class State:
                         (now, r["study_uid"]),
                     )
                     continue
-                db.execute(
-                    "UPDATE studies SET state='complete', updated_at=? WHERE study_uid=?",
-                    (now, r["study_uid"]),
-                )
-                cur = db.execute(
-                    "INSERT INTO jobs (study_uid, generation, state, created_at) VALUES (?,?,?,?)",
-                    (r["study_uid"], r["generation"], "queued", now),
-                )
-                jobs.append(int(cur.lastrowid))
+                jobs.append(_queue_job(db, r["study_uid"], r["generation"], now))
         for uid, job in zip((r["study_uid"] for r in rows if r["trigger_count"]), jobs, strict=True):
             logger.info("study %s complete after %.1f s quiet: job %d queued", uid, quiet_period_s, job)
         return jobs
@@ -524,15 +516,9 @@ class State:
             study = db.execute("SELECT * FROM studies WHERE study_uid=?", (row["study_uid"],)).fetchone()
             if study["state"] in ("receiving", "complete", "processing"):
                 raise StateError(f"study {row['study_uid']} is {study['state']}; it will be processed anyway")
-            db.execute(
-                "UPDATE studies SET state='complete', error=NULL, updated_at=? WHERE study_uid=?",
-                (now, row["study_uid"]),
+            return (
+                f"job {_queue_job(db, row['study_uid'], study['generation'], now, clear_error=True)} queued"
             )
-            cur = db.execute(
-                "INSERT INTO jobs (study_uid, generation, state, created_at) VALUES (?,?,?,?)",
-                (row["study_uid"], study["generation"], "queued", now),
-            )
-            return f"job {cur.lastrowid} queued"
 
     # ------------------------------------------------------------------------------------------
     # Outbox
@@ -782,3 +768,20 @@ def _statements(script: str) -> list[str]:
 
 def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def _queue_job(
+    db: sqlite3.Connection, study_uid: str, generation: int, now: float, *, clear_error: bool = False
+) -> int:
+    """Mark the study complete and queue a job for its current generation (inside the caller's transaction)."""
+    db.execute(
+        "UPDATE studies SET state='complete'"
+        + (", error=NULL" if clear_error else "")
+        + ", updated_at=? WHERE study_uid=?",
+        (now, study_uid),
+    )
+    cur = db.execute(
+        "INSERT INTO jobs (study_uid, generation, state, created_at) VALUES (?,?,?,?)",
+        (study_uid, generation, "queued", now),
+    )
+    return int(cur.lastrowid)
