@@ -21,7 +21,7 @@ from training.saliency import dice, model_space_target
 
 pytestmark = pytest.mark.slow
 
-QUICK = ("epochs=1", "data.synthetic.n_studies=16", "eval_batch_size=8")
+QUICK = ("epochs=1", "data.synthetic.n_studies=16", "eval_batch_size=8", "model.pretext.steps=20")
 
 
 @pytest.fixture(scope="module")

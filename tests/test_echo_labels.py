@@ -1,29 +1,29 @@
-"""Echo → cardiac labels: each rule at its thresholds, matching window and ties, aliases, error messages."""
+"""Echo → cardiac labels: each rule at its thresholds (via the task registry), matching window and ties,
+aliases, error messages."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from training.echo_labels import (
     CARDIAC_TASKS,
+    CODE_LAVI_THRESHOLD,
     MISSING,
+    PAPER_LAVI_THRESHOLD,
     EchoLabelError,
     EchoRecord,
-    atrial_enlargement_label,
     derive_echo_labels,
-    la_filling_pressure_label,
     labels_for_echo,
-    lv_label,
     parse_date,
-    pulmonary_hypertension_label,
-    ra_filling_pressure_label,
-    rv_label,
-    ventricular_enlargement_label,
 )
+from training.tasks import TaskRegistry
 
 ECHO_HEADER = [
     "PatientID",
@@ -68,30 +68,61 @@ def _echo(patient: str, date: str, **kw: object) -> list[object]:
 
 
 # ----------------------------------------------------------------------------------------------- rules
+# Every rule is exercised through ``labels_for_echo`` (which evaluates the task registry's echo rules);
+# a field left out of the ``EchoRecord`` is null.
 
 
-@pytest.mark.parametrize(("lvef", "want"), [(49.9, 1), (50.0, 0), (50.1, 0), (10.0, 1), (None, None)])
-def test_reduced_lv_is_lvef_below_50(lvef: float | None, want: int | None) -> None:
-    assert lv_label(lvef) == want
+def _rec(**fields: Any) -> EchoRecord:
+    return EchoRecord(row=1, patient_id="p", date=dt.date(2020, 1, 1), **fields)
 
 
-@pytest.mark.parametrize(("pasp", "want"), [(35.0, 0), (35.1, 1), (34.9, 0), (None, None)])
-def test_pulmonary_hypertension_is_pasp_above_35(pasp: float | None, want: int | None) -> None:
-    assert pulmonary_hypertension_label(pasp) == want
+def _label(
+    task: str, *, lavi_threshold: float | None = None, fallback_sex: str | None = None, **fields: Any
+) -> int:
+    kw: dict[str, Any] = {} if lavi_threshold is None else {"lavi_threshold": lavi_threshold}
+    return labels_for_echo(_rec(**fields), fallback_sex=fallback_sex, **kw)[task]
+
+
+@pytest.mark.parametrize(("lvef", "want"), [(49.9, 1), (50.0, 0), (50.1, 0), (10.0, 1), (None, MISSING)])
+def test_reduced_lv_is_lvef_below_50(lvef: float | None, want: int) -> None:
+    assert _label("reduced_lv_systolic_function", lvef=lvef) == want
+
+
+@pytest.mark.parametrize(("pasp", "want"), [(35.0, 0), (35.1, 1), (34.9, 0), (None, MISSING)])
+def test_pulmonary_hypertension_is_pasp_above_35(pasp: float | None, want: int) -> None:
+    assert _label("pulmonary_hypertension", pasp=pasp) == want
 
 
 @pytest.mark.parametrize(
     ("lavi", "thr", "want"),
-    [(34.0, 34.0, 0), (34.1, 34.0, 1), (34.1, 35.0, 0), (35.0, 35.0, 0), (35.1, 35.0, 1), (None, 34.0, None)],
+    [
+        (34.0, 34.0, 0),
+        (34.1, 34.0, 1),
+        (34.1, 35.0, 0),
+        (35.0, 35.0, 0),
+        (35.1, 35.0, 1),
+        (None, 34.0, MISSING),
+    ],
 )
-def test_atrial_enlargement_paper_and_code_thresholds(
-    lavi: float | None, thr: float, want: int | None
-) -> None:
-    assert atrial_enlargement_label(lavi, thr) == want
+def test_atrial_enlargement_paper_and_code_thresholds(lavi: float | None, thr: float, want: int) -> None:
+    assert _label("atrial_chamber_enlargement", lavi_threshold=thr, la_volume_index=lavi) == want
 
 
 def test_atrial_enlargement_defaults_to_the_paper_threshold() -> None:
-    assert atrial_enlargement_label(34.1) == 1
+    assert _label("atrial_chamber_enlargement", la_volume_index=34.1) == 1
+    assert TaskRegistry.load().parameters["lavi_threshold"] == PAPER_LAVI_THRESHOLD
+    assert TaskRegistry.load(lavi_threshold=CODE_LAVI_THRESHOLD).parameters["lavi_threshold"] == 35
+
+
+@pytest.mark.parametrize("thr", [36.0, 0.0])
+def test_lavi_threshold_outside_the_registry_choices_is_refused(tmp_path: Path, thr: float) -> None:
+    with pytest.raises(ValueError, match="lavi_threshold"):
+        labels_for_echo(_rec(la_volume_index=40.0), lavi_threshold=thr)
+    ct = _write(tmp_path / "ct.csv", ["StudyInstanceUID", "PatientID", "StudyDate"], [["1", "A", "20200101"]])
+    echo = _write(tmp_path / "echo.csv", ECHO_HEADER, [_echo("A", "20200101")])
+    with pytest.raises(ValueError, match="lavi_threshold"):
+        derive_echo_labels(ct, echo, tmp_path / "out.csv", lavi_threshold=thr)
+    assert not (tmp_path / "out.csv").exists()
 
 
 @pytest.mark.parametrize(
@@ -103,14 +134,15 @@ def test_atrial_enlargement_defaults_to_the_paper_threshold() -> None:
         ("mildly reduced", 1),
         ("Moderately Reduced", 1),
         ("severely reduced", 1),
-        ("", None),
-        ("   ", None),
-        ("NaN", None),
-        (None, None),
+        ("", MISSING),
+        ("   ", MISSING),
+        ("NaN", MISSING),
+        ("N/A", MISSING),
+        (None, MISSING),
     ],
 )
-def test_rv_text_is_normalised(text: str | None, want: int | None) -> None:
-    assert rv_label(text) == want
+def test_rv_text_is_normalised(text: str | None, want: int) -> None:
+    assert _label("reduced_rv_systolic_function", rv_systolic_function=text) == want
 
 
 @pytest.mark.parametrize(
@@ -123,14 +155,14 @@ def test_rv_text_is_normalised(text: str | None, want: int | None) -> None:
         (5.5, "F", 1),
         (5.5, "M", 0),
         (5.5, "female", 1),
-        (6.5, None, None),  # unknown sex -> missing (the code would give 0)
-        (6.5, "O", None),
-        (6.5, "U", None),
-        (None, "M", None),
+        (6.5, None, MISSING),  # unknown sex -> missing (the code would give 0)
+        (6.5, "O", MISSING),
+        (6.5, "U", MISSING),
+        (None, "M", MISSING),
     ],
 )
-def test_ventricular_enlargement_by_sex(lvidd: float | None, sex: str | None, want: int | None) -> None:
-    assert ventricular_enlargement_label(lvidd, sex) == want
+def test_ventricular_enlargement_by_sex(lvidd: float | None, sex: str | None, want: int) -> None:
+    assert _label("ventricular_enlargement", lv_d_measurement=lvidd, sex=sex) == want
 
 
 @pytest.mark.parametrize(
@@ -146,30 +178,99 @@ def test_ventricular_enlargement_by_sex(lvidd: float | None, sex: str | None, wa
         (1.0, 20.0, 2.0, 34.0, 0),
         (None, 20.0, None, 34.0, 0),
         (None, None, 3.0, 34.0, 1),
-        (None, None, None, 34.0, None),  # all three null -> missing
+        (None, None, None, 34.0, MISSING),  # all three null -> missing
     ],
 )
 def test_la_filling_pressure_with_partial_nulls(
-    ea: float | None, lavi: float | None, tr: float | None, thr: float, want: int | None
+    ea: float | None, lavi: float | None, tr: float | None, thr: float, want: int
 ) -> None:
-    assert la_filling_pressure_label(ea, lavi, tr, thr) == want
+    got = _label(
+        "left_atrial_filling_pressure",
+        lavi_threshold=thr,
+        e_a_ratio=ea,
+        la_volume_index=lavi,
+        tr_max_velocity=tr,
+    )
+    assert got == want
 
 
-@pytest.mark.parametrize(("tr", "want"), [(3.4, 0), (3.41, 1), (2.0, 0), (None, None)])
-def test_ra_filling_pressure_is_tr_above_3_4(tr: float | None, want: int | None) -> None:
-    assert ra_filling_pressure_label(tr) == want
+@pytest.mark.parametrize(("tr", "want"), [(3.4, 0), (3.41, 1), (2.0, 0), (None, MISSING)])
+def test_ra_filling_pressure_is_tr_above_3_4(tr: float | None, want: int) -> None:
+    assert _label("right_atrial_filling_pressure", tr_max_velocity=tr) == want
 
 
 def test_labels_for_echo_uses_minus_one_for_missing_and_ct_sex_as_fallback() -> None:
-    import datetime as dt
-
-    rec = EchoRecord(row=1, patient_id="p", date=dt.date(2020, 1, 1), lvef=45.0, lv_d_measurement=5.5)
+    rec = _rec(lvef=45.0, lv_d_measurement=5.5)
     got = labels_for_echo(rec)
     assert list(got) == list(CARDIAC_TASKS)
     assert got["reduced_lv_systolic_function"] == 1
     assert got["ventricular_enlargement"] == MISSING
     assert got["left_atrial_filling_pressure"] == MISSING
     assert labels_for_echo(rec, fallback_sex="F")["ventricular_enlargement"] == 1
+    assert labels_for_echo(rec, fallback_sex="male")["ventricular_enlargement"] == 0
+    assert labels_for_echo(rec, fallback_sex="O")["ventricular_enlargement"] == MISSING
+    # the echo's own sex beats the fallback
+    assert (
+        labels_for_echo(_rec(lv_d_measurement=5.5, sex="M"), fallback_sex="F")["ventricular_enlargement"] == 0
+    )
+
+
+def test_labels_for_echo_is_the_registry_rule_on_a_grid() -> None:
+    """One behaviour: for every cardiac task, ``labels_for_echo`` is the registry rule's verdict.
+
+    The row is built here from the registry's field names, independently of ``training.echo_labels``;
+    sex and RV text go in raw (``"O"``, ``" Normal "``) so the registry's own handling is compared.
+    """
+    registries = {34.0: TaskRegistry.load(), 35.0: TaskRegistry.load().with_parameters(lavi_threshold=35)}
+    lvefs = (None, 49.9, 50.0, 50.1)
+    pasps = (None, 35.0, 35.1)
+    rvs = (None, "normal", " Normal ", "NORMAL", "mildly reduced")
+    grid = itertools.product(
+        registries,
+        (None, 33.9, 34.0, 34.5, 35.0, 35.1),  # LAVI
+        (None, 1.99, 2.0),  # E/A
+        (None, 2.8, 2.81, 3.4, 3.41),  # TR
+        ("M", "F", "O", None),  # sex
+        (None, 5.3, 5.31, 5.9, 5.91),  # LVIDd
+    )
+    seen: dict[str, set[int]] = {k: set() for k in CARDIAC_TASKS}
+    mismatches = []
+    n = 0
+    for i, (thr, lavi, ea, tr, sex, lvidd) in enumerate(grid):
+        rec = _rec(
+            lvef=lvefs[i % len(lvefs)],
+            pasp=pasps[i % len(pasps)],
+            rv_systolic_function=rvs[i % len(rvs)],
+            la_volume_index=lavi,
+            e_a_ratio=ea,
+            tr_max_velocity=tr,
+            lv_d_measurement=lvidd,
+            sex=sex,
+        )
+        row = {
+            "ECHO_lvef_value": rec.lvef,
+            "ECHO_rv_systolic_function_value": rec.rv_systolic_function,
+            "ECHO_pasp_value": rec.pasp,
+            "ECHO_la_volume_index_value": rec.la_volume_index,
+            "ECHO_lv_d_measurement": rec.lv_d_measurement,
+            "ECHO_e_a_ratio": rec.e_a_ratio,
+            "ECHO_tr_max_velocity_value": rec.tr_max_velocity,
+            "Patients_Sex": rec.sex,
+        }
+        got = labels_for_echo(rec, lavi_threshold=thr)
+        for key in CARDIAC_TASKS:
+            rule = registries[thr].by_key(key).echo_rule
+            assert rule is not None
+            verdict = rule.evaluate(row)
+            want = MISSING if verdict is None else int(verdict)
+            if got[key] != want:
+                mismatches.append((key, thr, row, got[key], want))
+            seen[key].add(got[key])
+        n += 1
+    assert n == 2 * 6 * 3 * 5 * 4 * 5
+    assert not mismatches, mismatches[:5]
+    # the grid reaches every outcome of every task, so the comparison is not vacuous
+    assert all(values == {1, 0, MISSING} for values in seen.values()), seen
 
 
 @pytest.mark.parametrize(("text", "want"), [("20200131", (2020, 1, 31)), ("2020-01-31", (2020, 1, 31))])

@@ -258,7 +258,9 @@ NAN = math.nan
         ("ventricular_enlargement", {"ECHO_lv_d_measurement": 5.5, "Patients_Sex": "F"}, 1.0),
         ("ventricular_enlargement", {"ECHO_lv_d_measurement": 5.5, "Patients_Sex": "M"}, 0.0),
         ("ventricular_enlargement", {"ECHO_lv_d_measurement": 6.0, "Patients_Sex": "M"}, 1.0),
-        ("ventricular_enlargement", {"ECHO_lv_d_measurement": 7.0, "Patients_Sex": "O"}, 0.0),
+        # sex neither F nor M: no cut-off applies, so missing (the released code gives 0; we do not
+        # add unverifiable negatives, docs/evaluation.md 1.4)
+        ("ventricular_enlargement", {"ECHO_lv_d_measurement": 7.0, "Patients_Sex": "O"}, None),
         ("ventricular_enlargement", {"ECHO_lv_d_measurement": 7.0, "Patients_Sex": None}, None),
         ("ventricular_enlargement", {"ECHO_lv_d_measurement": None, "Patients_Sex": "F"}, None),
         ("left_atrial_filling_pressure", {"ECHO_e_a_ratio": 2.0}, 1.0),

@@ -344,7 +344,8 @@ def test_command_module_does_not_import_torch_at_import() -> None:
 
 
 def test_train_images_subsamples_valid_images_only_and_reproducibly() -> None:
-    """``data.train_images``: k of each scan's *valid* images, in slice order, same draw for the same seed."""
+    """``data.train_images``: k of each scan's *valid* images, one from each z-third (stratified), in
+    slice order, same draw for the same seed."""
     images = torch.arange(2 * 6, dtype=torch.float32).reshape(2, 6, 1, 1, 1).expand(2, 6, 3, 2, 2).clone()
     mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
     out, m = subsample_images(images, mask, 3, np.random.default_rng(5))
@@ -352,6 +353,12 @@ def test_train_images_subsamples_valid_images_only_and_reproducibly() -> None:
     assert out.shape == (2, 3, 3, 2, 2) and torch.equal(out, again)
     first = out[0, :, 0, 0, 0].tolist()
     assert m[0].all() and first == sorted(first) and len(set(first)) == 3 and all(0 <= v < 6 for v in first)
+    draws = [
+        subsample_images(images, mask, 3, np.random.default_rng(s))[0][0, :, 0, 0, 0].tolist()
+        for s in range(40)
+    ]
+    assert all(d[0] in (0, 1) and d[1] in (2, 3) and d[2] in (4, 5) for d in draws)  # one per stratum
+    assert {d[0] for d in draws} == {0.0, 1.0}  # and random within it
     assert m[1].tolist() == [True, True, False]  # only 2 valid images: both kept, the rest masked out
     assert out[1, :2, 0, 0, 0].tolist() == [6.0, 7.0]
     with pytest.raises(ConfigError, match="data.train_images"):

@@ -30,6 +30,20 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class PretextConfig:
+    """Label-free warm start of a random-init backbone (``training.pretext``); ``steps: 0`` = off."""
+
+    steps: int = 0
+    #: Side of the block grid whose per-channel means the CLS token predicts.
+    grid: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    #: Images drawn from each training scan into the pretext set (bounded memory).
+    images_per_scan: int = 16
+
+
+@dataclass
 class ModelConfig:
     """Which backbone and hypernetwork to build (``training.model.build_hyperct`` arguments)."""
 
@@ -44,6 +58,8 @@ class ModelConfig:
     target_types: tuple[str, ...] = ("q", "k", "v", "o", "up", "down")
     dropout: float = 0.05
     attn_implementation: str = "sdpa"
+    #: Label-free warm start of a random-init config backbone (demo/tests; docs/training.md §8).
+    pretext: PretextConfig = field(default_factory=PretextConfig)
 
 
 @dataclass
@@ -195,6 +211,12 @@ class RunConfig:
             f"must be cosine, step or constant, got {self.schedule.kind!r}",
         )
         need(self.model.rank >= 1, "model.rank", "must be >= 1")
+        pt = self.model.pretext
+        need(pt.steps >= 0, "model.pretext.steps", f"must be >= 0, got {pt.steps}")
+        need(pt.grid >= 1 and pt.batch_size >= 1 and pt.images_per_scan >= 1 and pt.lr > 0, "model.pretext",
+             "grid, batch_size, images_per_scan and lr must be > 0")  # fmt: skip
+        need(not (pt.steps and self.model.backbone_path), "model.pretext.steps",
+             "a pretrained backbone folder (model.backbone_path) is never re-pretrained: set steps to 0")  # fmt: skip
         need(self.data.train_images >= 0, "data.train_images", f"must be >= 0, got {self.data.train_images}")
         need(self.model.head_in_dim >= 1, "model.head_in_dim", "must be >= 1")
         d = self.data

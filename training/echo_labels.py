@@ -1,21 +1,26 @@
 """Derive the 7 echo-based cardiac labels for a list of CTs (spec §2.3, §2.4; open points O-7, O-9, O-21).
 
 Each CT is matched to one transthoracic echo of the same patient within ±``window_days`` (the closest
-one), and the 7 labels are computed from that echo's measurements. The rules follow the *paper*
-(LAVI > 34 mL/m², the clinical guideline), not the released code (LAVI > 35); ``lavi_threshold=35``
-reproduces the code. Labels are 1 / 0 / -1, where -1 means "missing" (spec §2.4): evaluation skips
-it and training never uses it as a negative.
+one), and the 7 labels are computed from that echo's measurements. Labels are 1 / 0 / -1, where -1
+means "missing" (spec §2.4): evaluation skips it and training never uses it as a negative.
+
+The label rules are not implemented here: they are the machine-readable ``echo_rule`` entries of the
+task registry (``training/tasks.json``, evaluated by ``training.tasks.EchoRule.evaluate``), the one
+implementation. This module reads and normalises the CSVs, matches echoes to CTs, maps each echo to
+the registry's field names and evaluates the 7 rules. The rules follow the *paper* (LAVI > 34 mL/m²,
+the clinical guideline), not the released code (LAVI > 35); ``lavi_threshold=35`` (the registry
+parameter ``lavi_threshold``, choices 34 and 35) reproduces the code.
 
 Deliberate deviations from the reference code (see docs/evaluation.md):
 
 * RV text is lower-cased and stripped before the ``== "normal"`` test (O-9); the code compares
-  case-sensitively, so "Normal" would be a positive there.
-* Ventricular enlargement is **missing** when sex is neither M nor F; the code gives 0, which would
-  add unverifiable negatives.
+  case-sensitively, so "Normal" would be a positive there. Null tokens ("NA", "NaN", ...) are missing.
+* Ventricular enlargement is **missing** when sex is neither M nor F (registry rule); the code gives
+  0, which would add unverifiable negatives.
 * Echo ↔ CT matching is not in the released code (O-21); the tie rules below are ours.
 
-Everything is plain ``csv`` + ``datetime``: this module needs neither pandas nor torch, so the
-``hyperct labels echo`` command stays light.
+Everything is plain ``csv`` + ``datetime`` (and the standard-library-only task registry): this module
+needs neither pandas nor torch, so the ``hyperct labels echo`` command stays light.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from training.tasks import EchoRule, TaskRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +60,6 @@ PAPER_LAVI_THRESHOLD = 34.0
 CODE_LAVI_THRESHOLD = 35.0
 """LAVI cut-off used by the released code (``task_prompts.py``), open point O-7."""
 DEFAULT_WINDOW_DAYS = 180
-
-# Rule constants (spec §2.3). Comparisons are exactly as written: "<", ">" or ">=".
-LVEF_REDUCED_BELOW = 50.0  # %        reduced LV systolic function if LVEF < 50
-PASP_HTN_ABOVE = 35.0  # mmHg         pulmonary hypertension if PASP > 35
-LVIDD_FEMALE_ABOVE = 5.3  # cm        ventricular enlargement (F) if LVIDd > 5.3
-LVIDD_MALE_ABOVE = 5.9  # cm          ventricular enlargement (M) if LVIDd > 5.9
-EA_RATIO_AT_LEAST = 2.0  #            LA filling pressure component: E/A >= 2
-TR_LA_ABOVE = 2.8  # m/s              LA filling pressure component: TR > 2.8
-TR_RA_ABOVE = 3.4  # m/s              RA filling pressure if TR > 3.4
 
 NULL_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
 """Cell values read as null (case-insensitive, after stripping); what CSV exports of NaN/None produce."""
@@ -170,11 +169,19 @@ class EchoLabelSummary:
 
 
 # --------------------------------------------------------------------------------------------------
-# Label rules (pure functions, one per task; ``None`` = missing).
+# Labels: the registry's echo rules, evaluated on one echo.
 
-
-def _gt(value: float | None, threshold: float) -> int | None:
-    return None if value is None else int(value > threshold)
+ECHO_RULE_FIELDS: dict[str, str] = {
+    "lvef": "ECHO_lvef_value",
+    "rv_systolic_function": "ECHO_rv_systolic_function_value",
+    "pasp": "ECHO_pasp_value",
+    "la_volume_index": "ECHO_la_volume_index_value",
+    "lv_d_measurement": "ECHO_lv_d_measurement",
+    "e_a_ratio": "ECHO_e_a_ratio",
+    "tr_max_velocity": "ECHO_tr_max_velocity_value",
+    "sex": "Patients_Sex",
+}
+"""``EchoRecord`` field -> the row field the registry's ``echo_rule`` criteria read."""
 
 
 def normalise_rv_text(text: str | None) -> str | None:
@@ -197,69 +204,39 @@ def normalise_sex(text: str | None) -> str | None:
     return None
 
 
-def rv_label(rv_text: str | None) -> int | None:
-    norm = normalise_rv_text(rv_text)
-    return None if norm is None else int(norm != "normal")
+@lru_cache(maxsize=8)
+def _cardiac_rules(lavi_threshold: float) -> tuple[tuple[str, EchoRule], ...]:
+    """The registry's rules for ``CARDIAC_TASKS`` at this LAVI cut-off (loaded once per value).
 
-
-def lv_label(lvef: float | None) -> int | None:
-    return None if lvef is None else int(lvef < LVEF_REDUCED_BELOW)
-
-
-def pulmonary_hypertension_label(pasp: float | None) -> int | None:
-    return _gt(pasp, PASP_HTN_ABOVE)
-
-
-def atrial_enlargement_label(lavi: float | None, lavi_threshold: float = PAPER_LAVI_THRESHOLD) -> int | None:
-    return _gt(lavi, lavi_threshold)
-
-
-def ventricular_enlargement_label(lvidd_cm: float | None, sex: str | None) -> int | None:
-    """Sex-specific LVIDd cut-off; unknown sex → missing (the code gives 0: a deliberate deviation)."""
-    s = normalise_sex(sex)
-    if lvidd_cm is None or s is None:
-        return None
-    return int(lvidd_cm > (LVIDD_FEMALE_ABOVE if s == "F" else LVIDD_MALE_ABOVE))
-
-
-def la_filling_pressure_label(
-    e_a_ratio: float | None,
-    lavi: float | None,
-    tr_velocity: float | None,
-    lavi_threshold: float = PAPER_LAVI_THRESHOLD,
-) -> int | None:
-    """Any of E/A ≥ 2, LAVI > thr, TR > 2.8 m/s; a null component is "not met"; all null → missing."""
-    if e_a_ratio is None and lavi is None and tr_velocity is None:
-        return None
-    met = (
-        (e_a_ratio is not None and e_a_ratio >= EA_RATIO_AT_LEAST)
-        or (lavi is not None and lavi > lavi_threshold)
-        or (tr_velocity is not None and tr_velocity > TR_LA_ABOVE)
-    )
-    return int(met)
-
-
-def ra_filling_pressure_label(tr_velocity: float | None) -> int | None:
-    return _gt(tr_velocity, TR_RA_ABOVE)
+    Raises ``TaskRegistryError`` (a ``ValueError``) for a threshold the registry does not allow.
+    """
+    registry = TaskRegistry.load(lavi_threshold=lavi_threshold)
+    rules: list[tuple[str, EchoRule]] = []
+    for key in CARDIAC_TASKS:
+        rule = registry.by_key(key).echo_rule
+        if rule is None:  # the registry's validation requires one for every cardiac task
+            raise ValueError(f"{registry.source}: task {key!r} has no echo_rule")
+        rules.append((key, rule))
+    return tuple(rules)
 
 
 def labels_for_echo(
     echo: EchoRecord, *, lavi_threshold: float = PAPER_LAVI_THRESHOLD, fallback_sex: str | None = None
 ) -> dict[str, int]:
-    """The 7 labels (1/0/-1) for one echo, keyed by ``CARDIAC_TASKS``."""
-    sex = echo.sex if echo.sex is not None else normalise_sex(fallback_sex)
-    values = {
-        "reduced_rv_systolic_function": rv_label(echo.rv_systolic_function),
-        "reduced_lv_systolic_function": lv_label(echo.lvef),
-        "pulmonary_hypertension": pulmonary_hypertension_label(echo.pasp),
-        "atrial_chamber_enlargement": atrial_enlargement_label(echo.la_volume_index, lavi_threshold),
-        "ventricular_enlargement": ventricular_enlargement_label(echo.lv_d_measurement, sex),
-        "left_atrial_filling_pressure": la_filling_pressure_label(
-            echo.e_a_ratio, echo.la_volume_index, echo.tr_max_velocity, lavi_threshold
-        ),
-        "right_atrial_filling_pressure": ra_filling_pressure_label(echo.tr_max_velocity),
-    }
-    return {k: MISSING if v is None else v for k, v in values.items()}
+    """The 7 labels (1/0/-1) for one echo, keyed by ``CARDIAC_TASKS``, from the registry's echo rules.
+
+    Sex is the echo's, or ``fallback_sex`` (the CT list's) when the echo has none; anything that is
+    not M/F normalises to null, which makes ventricular enlargement missing.
+    """
+    sex = normalise_sex(echo.sex if echo.sex is not None else fallback_sex)
+    row: dict[str, Any] = {rule_field: getattr(echo, attr) for attr, rule_field in ECHO_RULE_FIELDS.items()}
+    row[ECHO_RULE_FIELDS["rv_systolic_function"]] = normalise_rv_text(echo.rv_systolic_function)
+    row[ECHO_RULE_FIELDS["sex"]] = sex
+    labels: dict[str, int] = {}
+    for key, rule in _cardiac_rules(float(lavi_threshold)):
+        value = rule.evaluate(row)
+        labels[key] = MISSING if value is None else int(value)
+    return labels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,6 +490,7 @@ def derive_echo_labels(
         raise ValueError(f"window_days must be >= 0, got {window_days}")
     if not math.isfinite(lavi_threshold) or lavi_threshold <= 0:
         raise ValueError(f"lavi_threshold must be a positive number, got {lavi_threshold}")
+    _cardiac_rules(float(lavi_threshold))  # fail now, before reading any CSV, on a value the registry refuses
     key_name, cts, ct_has_sex = read_ct_csv(ct_csv, key_column)
     echoes = read_echo_csv(echo_csv, require_sex=not ct_has_sex)
     by_patient: dict[str, list[EchoRecord]] = {}

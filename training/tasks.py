@@ -214,6 +214,16 @@ class EchoRule:
 
     ``missing_when``: ``any_null`` (the label is missing if any field the rule reads is null) or
     ``all_null`` (missing only if all are null; a null component then counts as "not met").
+
+    Conditional criteria (``when``): if a row's value of a ``when`` field is non-null but in none of
+    the ``when.in`` sets the rule lists for that field, the rule cannot decide and the label is
+    missing. Values are compared as :meth:`EchoCriterion.applies` does (``str(v).strip()``, case
+    sensitive), so for ventricular enlargement a sex other than ``"F"``/``"M"`` (e.g. ``"O"``) gives
+    None. Deliberate deviation from the released code, which gives 0 there: a negative whose cut-off is
+    unknown is unverifiable (docs/evaluation.md, 1.4).
+
+    This is the one implementation of the 7 echo-derived labels: ``training/echo_labels.py``
+    evaluates these rules, it does not re-implement them.
     """
 
     criteria: tuple[EchoCriterion, ...]
@@ -232,13 +242,26 @@ class EchoRule:
         return tuple(out)
 
     def evaluate(self, row: Mapping[str, Any]) -> float | None:
-        """1.0 / 0.0, or None when the label is missing (spec 2.3 / 2.4)."""
+        """1.0 / 0.0, or None when the label is missing (spec 2.3 / 2.4; see the class docstring)."""
         nulls = [_is_null(row.get(f)) for f in self.fields]
         if (self.missing_when == "any_null" and any(nulls)) or (
             self.missing_when == "all_null" and all(nulls)
         ):
             return None
+        for when_field, allowed in self._when_values.items():
+            v = row.get(when_field)
+            if not _is_null(v) and str(v).strip() not in allowed:
+                return None  # e.g. sex neither F nor M: no cut-off applies, so the rule cannot decide
         return 1.0 if any(c.met(row) for c in self.criteria) else 0.0
+
+    @property
+    def _when_values(self) -> dict[str, frozenset[str]]:
+        """``when`` field -> every value any criterion of this rule conditions on."""
+        out: dict[str, set[str]] = {}
+        for c in self.criteria:
+            if c.when_field is not None:
+                out.setdefault(c.when_field, set()).update(c.when_in)
+        return {f: frozenset(v) for f, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"combine": self.combine, "missing_when": self.missing_when}

@@ -18,6 +18,7 @@ Outputs in ``out_dir`` (docs/training.md §Outputs): ``best.pt``, ``last.pt`` + 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import logging
@@ -36,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from operators.preprocessing import PreprocessingConfig
+from training.backbone import FrozenBackbone, build_backbone
 from training.cache import InputCache
 from training.config import RunConfig
 from training.data import (
@@ -54,6 +56,7 @@ from training.data import (
 )
 from training.metrics import auroc
 from training.model import HyperCT, build_hyperct, load_checkpoint, save_checkpoint
+from training.pretext import PretextResult, pretrain_backbone
 from training.tasks import TaskRegistry
 
 logger = logging.getLogger(__name__)
@@ -99,12 +102,18 @@ def preprocessing_config(cfg: RunConfig) -> PreprocessingConfig:
     return PreprocessingConfig(**cfg.preprocessing) if cfg.preprocessing else PreprocessingConfig()
 
 
-def build_model(cfg: RunConfig, tasks: Sequence[str]) -> HyperCT:
-    """HyperCT over ``tasks`` (its task table has one row per task; ids via ``model.task_index``)."""
+def build_model(cfg: RunConfig, tasks: Sequence[str], backbone: FrozenBackbone | None = None) -> HyperCT:
+    """HyperCT over ``tasks`` (its task table has one row per task; ids via ``model.task_index``).
+
+    ``backbone`` (e.g. after the pretext warm start) replaces the one the config names."""
     m = cfg.model
-    source: dict[str, Any] = (
-        {"backbone_path": m.backbone_path} if m.backbone_path else {"backbone_config": m.backbone}
-    )
+    source: dict[str, Any]
+    if backbone is not None:
+        source = {"backbone": backbone}
+    elif m.backbone_path:
+        source = {"backbone_path": m.backbone_path}
+    else:
+        source = {"backbone_config": m.backbone}
     return build_hyperct(
         **source,
         task_keys=list(tasks),
@@ -253,10 +262,13 @@ def mean_auroc(
 def subsample_images(
     images: torch.Tensor, mask: torch.Tensor, k: int, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per scan, ``k`` of its valid images drawn without replacement (in slice order) → ``[B, k, ...]``.
+    """Per scan, ``k`` of its valid images, one drawn from each of ``k`` equal runs of consecutive
+    images (stratified along z, in slice order) → ``[B, k, ...]``.
 
-    ``data.train_images`` (training only): a scan with fewer valid images keeps all of them, padded
-    with masked-out rows. One draw per scan from ``rng``, so a resumed epoch repeats it.
+    ``data.train_images`` (training only). Stratifying makes the subset's mean a low-variance estimate
+    of the whole scan's: a finding confined to the lung bases is seen in every step instead of in a
+    random number of draws (docs/training.md §8). A scan with fewer valid images keeps all of them,
+    padded with masked-out rows. One draw per scan from ``rng``, so a resumed epoch repeats it.
     """
     b, n = mask.shape
     if k >= n:
@@ -265,7 +277,11 @@ def subsample_images(
     out_mask = torch.zeros((b, k), dtype=torch.bool)
     for i in range(b):
         valid = np.flatnonzero(mask[i].numpy())
-        pick = np.sort(rng.choice(valid, size=min(k, valid.size), replace=False)) if valid.size else valid
+        if valid.size <= k:
+            pick = valid
+        else:
+            edges = np.linspace(0, valid.size, k + 1).astype(int)
+            pick = valid[rng.integers(edges[:-1], edges[1:])]
         out[i, : pick.size] = images[i, torch.from_numpy(pick)]
         out_mask[i, : pick.size] = True
     return out, out_mask
@@ -411,6 +427,34 @@ def prepare_data(
     return PreparedData(task_list, splits, cache, pre, bad)
 
 
+def pretext_images(dataset: ScanDataset, per_scan: int, seed: int) -> np.ndarray:
+    """Up to ``per_scan`` random valid images of every scan in ``dataset`` (no labels), as float16."""
+    rng = np.random.default_rng(seed)
+    chunks: list[np.ndarray] = []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        if sample is None or sample.images.shape[0] == 0:
+            continue
+        n = sample.images.shape[0]
+        pick = np.sort(rng.choice(n, size=min(per_scan, n), replace=False))
+        chunks.append(sample.images[pick].astype(np.float16))
+    if not chunks:
+        raise DataError("model.pretext: the training split has no readable images")
+    return np.concatenate(chunks)
+
+
+def warm_start_backbone(cfg: RunConfig, train_ds: ScanDataset) -> tuple[FrozenBackbone, PretextResult]:
+    """The config backbone after the label-free pretext on training-split images (training.pretext)."""
+    m = cfg.model
+    backbone = build_backbone(m.backbone, seed=cfg.seed, attn_implementation=m.attn_implementation)
+    images = pretext_images(train_ds, m.pretext.images_per_scan, cfg.seed)
+    bar = _Progress(cfg.progress, m.pretext.steps, "pretext")
+    result = pretrain_backbone(backbone.vit, images, m.pretext, seed=cfg.seed,
+                               progress=lambda _d, _t, loss: bar.update(loss=f"{loss:.4f}"))  # fmt: skip
+    bar.close()
+    return backbone, result
+
+
 def _training_data_summary(cfg: RunConfig, data: PreparedData) -> dict[str, Any]:
     d = cfg.data
     out: dict[str, Any] = {
@@ -481,9 +525,14 @@ def train(
     cache: InputCache | None = None,
     registry: TaskRegistry | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    warm_backbone: tuple[FrozenBackbone, PretextResult] | None = None,
 ) -> TrainResult:
     """Train HyperCT as configured; returns where ``best.pt`` is. ``records``/``tasks``/``cache`` let
-    tests and the demo inject data; ``resume`` continues from ``out_dir/last.pt``."""
+    tests and the demo inject data; ``resume`` continues from ``out_dir/last.pt``.
+
+    ``warm_backbone``: a backbone already warm-started by :func:`warm_start_backbone` on the same
+    training split (the pretext is label-free, so runs that differ only in labels can share one; it
+    is copied, never modified). Without it, ``model.pretext.steps > 0`` runs the warm start here."""
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -512,6 +561,7 @@ def train(
     best: dict[str, Any] = {"epoch": -1, "value": None}
     if resume and (out / LAST).is_file() and (out / STATE).is_file():
         model, extra = load_checkpoint(out / LAST, backbone_path=cfg.model.backbone_path)
+        pretext_summary = extra.get("training_data", {}).get("pretext")
         if list(model.task_keys) != task_list:
             raise ValueError(
                 f"cannot resume: {LAST} has tasks {list(model.task_keys)}, the config gives {task_list}"
@@ -522,7 +572,14 @@ def train(
     else:
         if resume:
             logger.warning("--resume: no %s in %s; starting from scratch", LAST, out.name)
-        model, state = build_model(cfg, task_list), None
+        backbone, pretext_summary = None, None
+        if warm_backbone is not None:
+            backbone, pretext = copy.deepcopy(warm_backbone[0]), warm_backbone[1]
+            pretext_summary = pretext.to_dict()
+        elif cfg.model.pretext.steps:
+            backbone, pretext = warm_start_backbone(cfg, train_ds)
+            pretext_summary = pretext.to_dict()
+        model, state = build_model(cfg, task_list, backbone), None
     model.to(device)
     opt = make_optimizer(model.trainable_parameters(), cfg, head=list(model.head.parameters()))
     sched = make_scheduler(opt, cfg)
@@ -543,7 +600,10 @@ def train(
     base_extra = {
         "tasks": task_list,
         "preprocessing": data.preprocessing.to_dict(),
-        "training_data": _training_data_summary(cfg, data),
+        "training_data": {
+            **_training_data_summary(cfg, data),
+            **({"pretext": pretext_summary} if pretext_summary else {}),
+        },  # fmt: skip
         "run_name": cfg.name,
         "config": cfg.to_dict(),
     }
