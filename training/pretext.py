@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretextResult:
-    """What the warm start did (goes into checkpoints and the manifest's training-data summary)."""
+    """What the warm start did (recorded in the checkpoint's training-data summary)."""
 
     settings: dict[str, Any]
     images: int
