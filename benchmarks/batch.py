@@ -29,7 +29,7 @@ from pathlib import Path
 
 
 def make_studies(root: Path, n: int, slices: int) -> Path:
-    from app.synth import StudyConfig, generate_study
+    from synth import StudyConfig, generate_study
 
     archive = root / "archive"
     for i in range(n):

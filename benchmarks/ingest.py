@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: tiny random model)")
     args = ap.parse_args()
 
-    from app.synth import StudyConfig, generate_study
+    from synth import StudyConfig, generate_study
     from tests.node_fixtures import NodeProcess, node_settings, wait_for
     from tests.peers import LOOPBACK, Orthanc, StoreSCP, storescu
 

@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from app.app import process_folder
-    from app.synth import StudyConfig, generate_study
+    from synth import StudyConfig, generate_study
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -92,7 +92,7 @@ def main() -> None:
                 times[name].append(t)
                 outs[name] = out
         ref = np.asarray(outs["SimpleITK"], dtype=np.float32)
-        print("\nvolume load (median of %d, warm page cache)" % args.reps)
+        print(f"\nvolume load (median of {args.reps}, warm page cache)")
         sitk_med = statistics.median(times["SimpleITK"])
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -40,10 +40,10 @@ def main() -> int:
     from pydicom.filewriter import dcmwrite
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from app.synth import StudyConfig, generate_study, render_volume
-    from app.synth.codecs import SYNTAXES
-    from app.synth.study import _series_info, make_phantom, study_info
-    from app.synth.writer import IMPLEMENTATION_CLASS_UID, SeriesWriter, build_header
+    from synth import StudyConfig, generate_study, render_volume
+    from synth.codecs import SYNTAXES
+    from synth.study import _series_info, make_phantom, study_info
+    from synth.writer import IMPLEMENTATION_CLASS_UID, SeriesWriter, build_header
 
     cfg = StudyConfig(
         seed=1,

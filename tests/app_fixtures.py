@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.synth import PatientPosition, StudyConfig, generate_study
+from synth import PatientPosition, StudyConfig, generate_study
 
 #: A radiology task with saliency, a focal one, and an echo task (never gets a SEG segment).
 TINY_TASKS = ("pleural_effusion", "lung_nodule", "reduced_lv_systolic_function")

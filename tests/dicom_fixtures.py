@@ -1,7 +1,7 @@
 """Test helpers (no tests here): a small, IOD-complete synthetic CT series written with pydicom, the
 25-task manifest of ``training/tasks.json`` and :class:`StudyResult` objects for the result writers.
 
-Independent of ``app/synth`` on purpose: the writers' tests need a few slices with full patient/study
+Independent of ``synth`` on purpose: the writers' tests need a few slices with full patient/study
 attributes and an InstanceNumber order that differs from the geometric order, in milliseconds.
 """
 

@@ -15,8 +15,8 @@ import pydicom
 import pytest
 
 from app.app import EXIT_NOT_PROCESSED, exit_code, process_folder
-from app.synth import PatientPosition
 from operators.model_runner import HyperCTRunner
+from synth import PatientPosition
 from tests.app_fixtures import small_study
 from tests.dicom_fixtures import dciodvfy
 

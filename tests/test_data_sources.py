@@ -95,7 +95,7 @@ def test_ctrate_bad_rows_name_the_labels_file(tmp_path: Path) -> None:
 
 
 def test_dicom_layout_uses_series_selection(tmp_path: Path) -> None:
-    from app.synth import DatasetConfig, StudyConfig, generate_dataset
+    from synth import DatasetConfig, StudyConfig, generate_dataset
 
     base = StudyConfig(
         seed=11, rows=64, cols=64, slices=50, pixel_spacing=6.0, slice_spacing=3.0, extras=("thick",)

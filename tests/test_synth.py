@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.synth import (
+from synth import (
     CT_RATE_COLUMNS,
     FINDING_NAMES,
     FINDING_TASKS,
@@ -13,9 +13,9 @@ from app.synth import (
     Phantom,
     render_volume,
 )
-from app.synth.findings import FindingPlacementError, plant
-from app.synth.tasks import labels_for, normalise_finding_name
-from app.synth.tissues import T
+from synth.findings import FindingPlacementError, phantom_from_seed, plant
+from synth.tasks import labels_for, normalise_finding_name
+from synth.tissues import T
 
 CT_RATE_ORDER = [
     "Medical material",
@@ -60,15 +60,15 @@ def test_ct_rate_columns_and_finding_tasks() -> None:
 
 # ----- determinism and the twin property -------------------------------------------------------------------
 def test_same_seed_same_phantom_and_volume() -> None:
-    a = Phantom.from_seed(11, ["lung_nodule", "emphysema"])
-    b = Phantom.from_seed(11, ["lung_nodule", "emphysema"])
+    a = phantom_from_seed(11, ["lung_nodule", "emphysema"])
+    b = phantom_from_seed(11, ["lung_nodule", "emphysema"])
     assert [f.to_json() for f in a.findings] == [f.to_json() for f in b.findings]
     g = coarse_grid(a, 64, 6.0, 8, 30.0)
     assert np.array_equal(render_volume(a, g).hu, render_volume(b, g).hu)
 
 
 def test_positive_and_negative_twin_differ_only_inside_the_finding() -> None:
-    pos = Phantom.from_seed(3, ["lung_nodule", "lung_opacity"])
+    pos = phantom_from_seed(3, ["lung_nodule", "lung_opacity"])
     neg = pos.without_findings()
     assert neg.base_anatomy == pos.base_anatomy and not neg.findings
     g = coarse_grid(pos)
@@ -83,8 +83,8 @@ def test_positive_and_negative_twin_differ_only_inside_the_finding() -> None:
 
 def test_finding_streams_are_independent() -> None:
     """Adding an unrelated finding does not move the others (one random stream per finding name)."""
-    a = Phantom.from_seed(5, ["coronary_artery_wall_calcification"])
-    b = Phantom.from_seed(5, ["coronary_artery_wall_calcification", "medical_material"])
+    a = phantom_from_seed(5, ["coronary_artery_wall_calcification"])
+    b = phantom_from_seed(5, ["coronary_artery_wall_calcification", "medical_material"])
     ca = next(f for f in a.findings if f.name.startswith("coronary"))
     cb = next(f for f in b.findings if f.name.startswith("coronary"))
     assert ca.to_json() == cb.to_json()
@@ -92,7 +92,7 @@ def test_finding_streams_are_independent() -> None:
 
 # ----- each finding is where the labels say --------------------------------------------------------------
 def test_pleural_effusion_is_water_in_the_dependent_lung_base() -> None:
-    pos = Phantom.from_seed(4, ["pleural_effusion"])
+    pos = phantom_from_seed(4, ["pleural_effusion"])
     neg = pos.without_findings()
     g = coarse_grid(pos)
     vp, vn = render_volume(pos, g), render_volume(neg, g, masks=False)
@@ -188,7 +188,7 @@ def measured_ctr(vol_hu: np.ndarray, g: Grid, centre: tuple[float, float, float]
 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_cardiomegaly_raises_the_cardiothoracic_ratio(seed: int) -> None:
-    pos = Phantom.from_seed(seed, ["cardiomegaly"])
+    pos = phantom_from_seed(seed, ["cardiomegaly"])
     neg = pos.without_findings()
     g = Grid.axial(192, 192, 2.0, 20, 3.0, float(pos.geo.heart.centre[2]))
     ctr_pos = measured_ctr(render_volume(pos, g, masks=False).hu, g, tuple(pos.geo.heart.centre))
@@ -199,7 +199,7 @@ def test_cardiomegaly_raises_the_cardiothoracic_ratio(seed: int) -> None:
 
 
 def test_nodule_centre_is_soft_tissue_inside_lung() -> None:
-    pos = Phantom.from_seed(8, ["lung_nodule"])
+    pos = phantom_from_seed(8, ["lung_nodule"])
     for f in pos.findings:
         x, y, z = f.centre
         d = f.params["diameter_mm"]
@@ -230,7 +230,7 @@ EXPECTED_HU = {  # (low, high) bounds of the median HU inside each finding's mas
 @pytest.mark.parametrize("seed", [1, 2])
 def test_every_finding_is_visible_with_its_density(seed: int) -> None:
     names = list(FINDING_NAMES)
-    pos = Phantom.from_seed(seed, names)
+    pos = phantom_from_seed(seed, names)
     neg = pos.without_findings()
     g = Grid.axial(160, 160, 2.4, 80, 4.0, pos.base_anatomy.scan_centre_z)
     vp = render_volume(pos, g, supersample=2)
@@ -264,14 +264,14 @@ def test_every_finding_is_visible_with_its_density(seed: int) -> None:
 
 
 def test_findings_outside_the_scan_range_fail_clearly() -> None:
-    base = Phantom.from_seed(0)
+    base = phantom_from_seed(0)
     top = base.anatomy.z_apex
     with pytest.raises(FindingPlacementError, match="outside the scanned range"):
         plant(base, ["pleural_effusion"], z_range=(top - 60.0, top))
 
 
 def test_render_volume_supersample_keeps_the_grid() -> None:
-    ph = Phantom.from_seed(2, ["lung_nodule"])
+    ph = phantom_from_seed(2, ["lung_nodule"])
     g = Grid.axial(48, 48, 8.0, 4, 10.0, ph.base_anatomy.scan_centre_z)
     v = render_volume(ph, g, supersample=3, tissue=True)
     assert v.hu.shape == v.tissue.shape == g.shape

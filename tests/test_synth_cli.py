@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import cli
-from app.synth import CT_RATE_COLUMNS, KEY_COLUMNS, read_labels_csv
+from synth import CT_RATE_COLUMNS, KEY_COLUMNS, read_labels_csv
 
 runner = CliRunner()
 SMALL = ["--slices", "50", "--rows", "64", "--cols", "64", "--pixel-spacing", "6"]

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from app.synth import (
+from synth import (
     CT_RATE_COLUMNS,
     KEY_COLUMNS,
     SYNTAXES,
@@ -91,7 +91,7 @@ def full_study(tmp_path_factory: pytest.TempPathFactory):
         extras=("scout", "thick", "contrast", "mr"),
     )
     res = generate_study(cfg, out)
-    from app.synth import write_labels_csv
+    from synth import write_labels_csv
 
     write_labels_csv(out / "labels.csv", [res.label_row(out)])
     return out, res

@@ -1,5 +1,5 @@
 """Test helpers (no tests here): a small numpy chest phantom, and writers for it as a DICOM series
-(pydicom) or a NIfTI file (nibabel). Deliberately independent of ``app/synth``.
+(pydicom) or a NIfTI file (nibabel). Deliberately independent of ``synth``.
 
 Geometry values are chosen exactly representable in float32 and in short DS strings, so that DICOM,
 NIfTI (float32 sform) and in-memory volumes describe bit-identical grids.

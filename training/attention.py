@@ -336,7 +336,7 @@ def blob_cases(
 ) -> list[PointingCase]:
     """Simple phantoms: noisy soft-tissue discs with one bright focal blob in one image.
 
-    A stand-in for ``app.synth`` volumes when only the pointing-game mechanics matter. Images are in
+    A stand-in for ``synth`` volumes when only the pointing-game mechanics matter. Images are in
     [0, 1] (HU window) and then ImageNet-normalised like the real preprocessing.
     """
     rng = np.random.default_rng(seed)

@@ -102,10 +102,10 @@ class SplitConfig:
 
 @dataclass
 class SyntheticConfig:
-    """In-memory synthetic studies rendered by ``app.synth`` directly on the model grid (fast tests/demo)."""
+    """In-memory synthetic studies rendered by ``synth`` directly on the model grid (fast tests/demo)."""
 
     n_studies: int = 120
-    #: Finding names (``app.synth.tasks.FINDING_NAMES``) drawn per study; each task's label comes from them.
+    #: Finding names (``synth.tasks.FINDING_NAMES``) drawn per study; each task's label comes from them.
     findings: tuple[str, ...] = ("pleural_effusion", "consolidation", "cardiomegaly", "pericardial_effusion")
     #: Probability that a finding is planted in a study (independently per finding).
     prevalence: float = 0.5

@@ -38,7 +38,7 @@ _KEY_SOURCES = (
     "training/**/*.py",
     "operators/preprocessing.py",
     "operators/manifest.py",
-    "app/synth/*.py",
+    "synth/*.py",
 )
 
 
@@ -117,7 +117,7 @@ def build_demo_model(
         s = cfg.data.synthetic
         training_data = {
             "kind": "synthetic",
-            "description": f"{DEMO_DESCRIPTION}: synthetic phantoms (app/synth), no patient data",
+            "description": f"{DEMO_DESCRIPTION}: synthetic phantoms (synth), no patient data",
             "recipe": "training/recipes/demo.yaml",
             "studies": s.n_studies,
             "findings": list(s.findings),

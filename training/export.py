@@ -505,7 +505,7 @@ def _training_data(
     if isinstance(stored, dict):
         return dict(stored)
     if synthetic:
-        return {"kind": "synthetic", "description": "synthetic phantoms (app/synth); no patient data"}
+        return {"kind": "synthetic", "description": "synthetic phantoms (synth); no patient data"}
     return {"kind": "unknown", "note": "not recorded in the checkpoint; pass --training-data to record it"}
 
 

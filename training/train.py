@@ -464,7 +464,7 @@ def _training_data_summary(cfg: RunConfig, data: PreparedData) -> dict[str, Any]
         "split_seed": d.split.seed,
     }
     if d.kind == "synthetic":
-        out["description"] = "synthetic phantoms rendered in memory (app/synth); no patient data"
+        out["description"] = "synthetic phantoms rendered in memory (synth); no patient data"
         out["synthetic"] = {
             "findings": list(d.synthetic.findings),
             "n_studies": d.synthetic.n_studies,

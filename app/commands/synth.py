@@ -41,7 +41,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def _findings_cb(values: list[str] | None) -> list[str]:
-    from app.synth.tasks import normalise_finding_name
+    from synth.tasks import normalise_finding_name
 
     try:
         return [normalise_finding_name(v) for v in _split(values)]
@@ -50,7 +50,7 @@ def _findings_cb(values: list[str] | None) -> list[str]:
 
 
 def _syntax_cb(value: str) -> str:
-    from app.synth.codecs import resolve_syntax
+    from synth.codecs import resolve_syntax
 
     try:
         return resolve_syntax(value).key
@@ -59,7 +59,7 @@ def _syntax_cb(value: str) -> str:
 
 
 def _extras_cb(values: list[str] | None) -> list[str]:
-    from app.synth.study import EXTRA_SERIES
+    from synth.study import EXTRA_SERIES
 
     extras = [v.lower() for v in _split(values)]
     bad = [e for e in extras if e not in EXTRA_SERIES]
@@ -69,7 +69,7 @@ def _extras_cb(values: list[str] | None) -> list[str]:
 
 
 def _prevalence_cb(value: str) -> str:
-    from app.synth.dataset import parse_prevalence
+    from synth.dataset import parse_prevalence
 
     try:
         parse_prevalence(value)
@@ -192,10 +192,10 @@ def synth(
     from rich.console import Console
     from rich.table import Table
 
-    from app.synth.dataset import DatasetConfig, generate_dataset, parse_prevalence, summary_rows
-    from app.synth.findings import FindingPlacementError
-    from app.synth.geometry import PatientPosition
-    from app.synth.study import StudyConfig
+    from synth.dataset import DatasetConfig, generate_dataset, parse_prevalence, summary_rows
+    from synth.findings import FindingPlacementError
+    from synth.geometry import PatientPosition
+    from synth.study import StudyConfig
 
     console = Console(stderr=False)
     single_only = {

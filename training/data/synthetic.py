@@ -1,8 +1,8 @@
-"""Synthetic training data from the ``app.synth`` phantom, rendered in memory (no DICOM written).
+"""Synthetic training data from the ``synth`` phantom, rendered in memory (no DICOM written).
 
 Each study is a :class:`SyntheticStudy`: a patient seed (body habitus, noise level, vessel trees), the
 finding names planted, and the grid it is rendered on. Its labels are the planted findings mapped to
-CT-RATE columns (``app.synth.tasks``); rendering refuses a study in which a planted finding has no
+CT-RATE columns (``synth.tasks``); rendering refuses a study in which a planted finding has no
 voxel on the grid, so a label can never claim something the volume does not show.
 
 **Study design.** With ``twins=True`` (default) studies come in pairs of one patient: finding subset S
@@ -92,11 +92,11 @@ def render_study_with_masks(study: SyntheticStudy) -> tuple[Volume, dict[str, np
     """:func:`render_study` plus, per CT-RATE column the planted findings make positive, the bool
     voxel mask of those findings (same array order as ``Volume.hu``): the ground truth that attention
     maps are scored against (``training/saliency.py``)."""
-    from app.synth.anatomy import sample_anatomy
-    from app.synth.findings import FindingPlacementError, plant
-    from app.synth.geometry import Grid
-    from app.synth.phantom import Phantom
-    from app.synth.render import render_volume
+    from synth.anatomy import sample_anatomy
+    from synth.findings import FindingPlacementError, plant
+    from synth.geometry import Grid
+    from synth.phantom import Phantom
+    from synth.render import render_volume
 
     anatomy = sample_anatomy(study.patient_seed)
     dx, dy, dz = study.offset_mm
@@ -145,7 +145,7 @@ def design_studies(
     Different ``seed`` values give disjoint patients, which is how held-out sets are made. ``model``
     geometry renders on ``preprocessing``'s grid (default config: 2.5 mm, 2 mm) plus a small pad.
     """
-    from app.synth.tasks import normalise_finding_name
+    from synth.tasks import normalise_finding_name
 
     names = tuple(normalise_finding_name(f) for f in findings)
     if geometry not in ("model", "varied"):
@@ -197,7 +197,7 @@ def synthetic_records(
     studies: Sequence[SyntheticStudy], registry: TaskRegistry, tasks: Sequence[str]
 ) -> list[ScanRecord]:
     """Records with labels from the planted findings (every trained task is labelled: 1 or 0)."""
-    from app.synth.tasks import CT_RATE_COLUMNS, labels_for
+    from synth.tasks import CT_RATE_COLUMNS, labels_for
 
     lookup = column_lookup(registry)
     col_to_key = {c: lookup[normalise_column(c)] for c in CT_RATE_COLUMNS if normalise_column(c) in lookup}
@@ -215,7 +215,7 @@ def synthetic_records(
 
 def tasks_for_findings(findings: Sequence[str], registry: TaskRegistry) -> list[str]:
     """Registry keys of the CT-RATE columns the given findings make positive, in registry order."""
-    from app.synth.tasks import FINDING_TASKS, normalise_finding_name
+    from synth.tasks import FINDING_TASKS, normalise_finding_name
 
     lookup = column_lookup(registry)
     keys = {lookup[normalise_column(c)] for f in findings for c in FINDING_TASKS[normalise_finding_name(f)]}

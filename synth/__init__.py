@@ -5,9 +5,9 @@ Pure numpy + pydicom (DCMTK only for the JPEG lossless / JPEG-LS transfer syntax
 
 Typical use::
 
-    from app.synth import Phantom, Grid, render_volume, StudyConfig, generate_study
+    from synth import Phantom, Grid, render_volume, StudyConfig, generate_study
 
-    pos = Phantom.from_seed(7, ["pleural_effusion"])     # a patient with a finding
+    pos = phantom_from_seed(7, ["pleural_effusion"])     # a patient with a finding
     neg = pos.without_findings()                         # its negative twin (same body, noise)
     vol = render_volume(pos, Grid.axial(144, 144, 2.5, 120, 2.0, pos.anatomy.scan_centre_z))
     vol.hu, vol.masks["pleural_effusion_1"]              # HU as stored in DICOM, ground truth
@@ -15,15 +15,15 @@ Typical use::
     generate_study(StudyConfig(seed=7, findings=("lung_nodule",), extras=("scout",)), "out/")
 """
 
-from app.synth.anatomy import Anatomy, BodyGeometry, sample_anatomy
-from app.synth.codecs import SYNTAXES, Syntax, resolve_syntax
-from app.synth.dataset import DatasetConfig, DatasetResult, generate_dataset, parse_prevalence
-from app.synth.findings import Finding, FindingPlacementError, plant, sample_findings
-from app.synth.geometry import Grid, PatientPosition, SeriesGeometry
-from app.synth.labels import LABEL_COLUMNS, read_labels_csv, write_labels_csv
-from app.synth.phantom import Phantom
-from app.synth.render import RenderedVolume, render_volume, to_stored
-from app.synth.study import (
+from synth.anatomy import Anatomy, BodyGeometry, sample_anatomy
+from synth.codecs import SYNTAXES, Syntax, resolve_syntax
+from synth.dataset import DatasetConfig, DatasetResult, generate_dataset, parse_prevalence
+from synth.findings import Finding, FindingPlacementError, phantom_from_seed, plant, sample_findings
+from synth.geometry import Grid, PatientPosition, SeriesGeometry
+from synth.labels import LABEL_COLUMNS, read_labels_csv, write_labels_csv
+from synth.phantom import Phantom
+from synth.render import RenderedVolume, render_volume, to_stored
+from synth.study import (
     EXTRA_SERIES,
     StudyConfig,
     StudyResult,
@@ -32,7 +32,7 @@ from app.synth.study import (
     make_phantom,
     study_geometry,
 )
-from app.synth.tasks import CT_RATE_COLUMNS, FINDING_NAMES, FINDING_TASKS, KEY_COLUMNS
+from synth.tasks import CT_RATE_COLUMNS, FINDING_NAMES, FINDING_TASKS, KEY_COLUMNS
 
 __all__ = [
     "CT_RATE_COLUMNS",
@@ -61,6 +61,7 @@ __all__ = [
     "generate_study",
     "make_phantom",
     "parse_prevalence",
+    "phantom_from_seed",
     "plant",
     "read_labels_csv",
     "render_volume",

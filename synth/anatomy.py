@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from app.synth.raster import Ellipsoid, Tubes
+from synth.raster import Ellipsoid, Tubes
 
 log = logging.getLogger(__name__)
 

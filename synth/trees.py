@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from app.synth.raster import Tubes
+from synth.raster import Tubes
 
 log = logging.getLogger(__name__)
 

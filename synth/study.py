@@ -27,11 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from app import __version__
-from app.synth.anatomy import Anatomy, sample_anatomy
-from app.synth.codecs import require_tool, resolve_syntax
-from app.synth.findings import plant
-from app.synth.geometry import (
+from synth.anatomy import Anatomy, sample_anatomy
+from synth.codecs import require_tool, resolve_syntax
+from synth.findings import plant
+from synth.geometry import (
     MAX_SLICES,
     MIN_SLICES,
     Grid,
@@ -40,12 +39,13 @@ from app.synth.geometry import (
     default_pixel_spacing,
     default_slice_spacing,
 )
-from app.synth.phantom import Phantom
-from app.synth.render import noise_sigma, noise_slice, render_hu_slice, to_stored
-from app.synth.tasks import labels_for, normalise_finding_name
-from app.synth.tissues import T
-from app.synth.uids import short_hash, synth_uid
-from app.synth.writer import SeriesInfo, SeriesWriter, StudyInfo, build_header
+from synth.phantom import Phantom
+from synth.render import noise_sigma, noise_slice, render_hu_slice, to_stored
+from synth.tasks import labels_for, normalise_finding_name
+from synth.tissues import T
+from synth.uids import short_hash, synth_uid
+from synth.version import VERSION as __version__
+from synth.writer import SeriesInfo, SeriesWriter, StudyInfo, build_header
 
 log = logging.getLogger(__name__)
 

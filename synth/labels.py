@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from app.synth.tasks import CT_RATE_COLUMNS, KEY_COLUMNS
+from synth.tasks import CT_RATE_COLUMNS, KEY_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from app.synth.findings import FindingPlacementError
-from app.synth.geometry import MAX_SLICES, MIN_SLICES, PatientPosition
-from app.synth.labels import write_labels_csv
-from app.synth.study import StudyConfig, StudyResult, generate_study
-from app.synth.tasks import FINDING_NAMES, normalise_finding_name
+from synth.findings import FindingPlacementError
+from synth.geometry import MAX_SLICES, MIN_SLICES, PatientPosition
+from synth.labels import write_labels_csv
+from synth.study import StudyConfig, StudyResult, generate_study
+from synth.tasks import FINDING_NAMES, normalise_finding_name
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def study_config(dcfg: DatasetConfig, i: int) -> StudyConfig:
         coverage = rng.uniform(*dcfg.coverage_range_mm)
         slices = int(min(MAX_SLICES, max(MIN_SLICES, round(coverage / spacing))))
         position = PatientPosition.FFS if rng.random() < dcfg.ffs_probability else PatientPosition.HFS
-        from app.synth.anatomy import sample_anatomy
+        from synth.anatomy import sample_anatomy
 
         centre = sample_anatomy(seed).scan_centre_z + rng.uniform(-CENTRE_JITTER_MM, CENTRE_JITTER_MM)
         cfg = replace(
@@ -138,7 +138,7 @@ def _one(args: tuple[StudyConfig, str, bool]) -> StudyResult:
         keep = []
         for name in cfg.findings:
             try:
-                from app.synth.study import make_phantom
+                from synth.study import make_phantom
 
                 make_phantom(replace(cfg, findings=(name,)))
                 keep.append(name)

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
-from app.synth.anatomy import Anatomy, BodyGeometry
-from app.synth.phantom import Layer, Phantom, replace_anatomy
-from app.synth.raster import Canvas, Ellipsoid, Tubes, lut, rotation
-from app.synth.tasks import FINDING_NAMES, FINDING_TASKS, normalise_finding_name
-from app.synth.tissues import T
+from synth.anatomy import Anatomy, BodyGeometry, sample_anatomy
+from synth.phantom import Layer, Phantom, replace_anatomy
+from synth.raster import Canvas, Ellipsoid, Tubes, lut, rotation
+from synth.tasks import FINDING_NAMES, FINDING_TASKS, normalise_finding_name
+from synth.tissues import T
 
 log = logging.getLogger(__name__)
 
@@ -990,3 +990,10 @@ def plant(base: Phantom, names: Sequence[str], z_range: tuple[float, float] | No
     if base.findings:
         raise ValueError("plant() expects a phantom without findings; use with_findings() to add to one")
     return Phantom(base.base_anatomy, sample_findings(base, names, z_range))
+
+
+def phantom_from_seed(
+    seed: int, findings: Iterable[str] = (), z_range: tuple[float, float] | None = None
+) -> Phantom:
+    """The seed's patient with the named findings planted (see :func:`plant`)."""
+    return plant(Phantom(sample_anatomy(seed)), list(findings), z_range=z_range)

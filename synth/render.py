@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.synth.geometry import Grid
-from app.synth.phantom import Phantom
-from app.synth.raster import Canvas
-from app.synth.tissues import HU_MAX, HU_MIN
+from synth.geometry import Grid
+from synth.phantom import Phantom
+from synth.raster import Canvas
+from synth.tissues import HU_MAX, HU_MIN
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def render_volume(
     With the defaults the HU equal what a DICOM series of the same grid stores (same noise stream).
     ``supersample`` > 1 averages s×s sub-pixels (partial volume, for coarse grids such as 2.5 mm; the masks
     then mark pixels touched by the finding), ``sub_samples`` > 1 averages the slab of ``thickness``.
-    ``tissue`` also returns the tissue-code map (``app.synth.tissues.T``) of the pixel centres.
+    ``tissue`` also returns the tissue-code map (``synth.tissues.T``) of the pixel centres.
     """
     nz, ny, nx = grid.shape
     s = max(1, int(supersample))

@@ -21,10 +21,10 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from app import __version__
-from app.synth.codecs import SYNTAXES, Syntax, dcmtk_transcode, encode_frame
-from app.synth.geometry import format_ds
-from app.synth.uids import synth_uid
+from synth.codecs import SYNTAXES, Syntax, dcmtk_transcode, encode_frame
+from synth.geometry import format_ds
+from synth.uids import synth_uid
+from synth.version import VERSION as __version__
 
 log = logging.getLogger(__name__)
 

@@ -9,20 +9,17 @@ same grid), and ``phantom.with_findings(...)`` plants more on the same patient.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from app.synth.anatomy import Anatomy, BodyGeometry, sample_anatomy
-from app.synth.raster import Canvas, Ellipsoid, Tubes, ellipse, lut, superellipse_level
-from app.synth.tissues import FIRST_FINDING_CODE, LUNG_CODES, T, base_hu_table
-from app.synth.trees import grow_tree
-
-if TYPE_CHECKING:
-    from app.synth.findings import Finding
+from synth.anatomy import Anatomy, BodyGeometry
+from synth.raster import Canvas, Ellipsoid, Tubes, ellipse, lut, superellipse_level
+from synth.tissues import FIRST_FINDING_CODE, LUNG_CODES, T, base_hu_table
+from synth.trees import grow_tree
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +32,24 @@ class Layer(IntEnum):
     PLEURAL = 3  # atelectasis, pleural effusion: replace whatever lung is there
     MEDIASTINAL = 4  # calcifications, hernia, metal
     RECORD = 5  # findings that live in the anatomy (cardiomegaly, pericardial effusion) only record
+
+
+class PlantedFinding(Protocol):
+    """What the phantom needs of a planted finding (implemented in :mod:`synth.findings`).
+
+    A protocol, not an import: findings paint into a phantom, so the phantom must not import them.
+    """
+
+    name: ClassVar[str]
+    layer: ClassVar[Layer]
+    codes: dict[str, int]
+
+    def modify(self, a: Anatomy) -> Anatomy: ...
+    def hu_entries(self) -> list[tuple[str, float, float]]: ...
+    def transparent_codes(self) -> list[int]: ...
+    def bind(self, codes: dict[str, int]) -> None: ...
+    def z_extent(self) -> tuple[float, float]: ...
+    def paint(self, cv: Canvas, ph: Phantom) -> None: ...
 
 
 # What may be painted over, by structure (lookup tables indexed by the current tissue code).
@@ -71,9 +86,9 @@ RIB_PITCH, RIB_HEIGHT, RIB_DESCENT = 26.0, 10.0, 95.0
 class Phantom:
     """A patient (``anatomy``) with planted ``findings``; paints tissue codes into a ``Canvas``."""
 
-    def __init__(self, anatomy: Anatomy, findings: Sequence[Finding] = ()) -> None:
+    def __init__(self, anatomy: Anatomy, findings: Sequence[PlantedFinding] = ()) -> None:
         self.base_anatomy = anatomy
-        self.findings: tuple[Finding, ...] = tuple(findings)
+        self.findings: tuple[PlantedFinding, ...] = tuple(findings)
         eff = anatomy
         for f in self.findings:
             eff = f.modify(eff)
@@ -108,16 +123,6 @@ class Phantom:
         self._tables: dict[bool, np.ndarray] = {}
 
     # ----- construction helpers ------------------------------------------------------------------------
-    @classmethod
-    def from_seed(
-        cls, seed: int, findings: Iterable[str] = (), z_range: tuple[float, float] | None = None
-    ) -> Phantom:
-        """The seed's patient with the named findings planted (see ``app.synth.findings.plant``)."""
-        from app.synth.findings import plant
-
-        base = cls(sample_anatomy(seed))
-        return plant(base, list(findings), z_range=z_range)
-
     @property
     def seed(self) -> int:
         return self.base_anatomy.seed
@@ -131,7 +136,7 @@ class Phantom:
         """The negative twin: same patient, grid-independent noise stream and vessel trees, nothing planted."""
         return Phantom(self.base_anatomy)
 
-    def with_findings(self, findings: Sequence[Finding]) -> Phantom:
+    def with_findings(self, findings: Sequence[PlantedFinding]) -> Phantom:
         """The same patient with ``findings`` added to the ones already planted."""
         return Phantom(self.base_anatomy, (*self.findings, *findings))
 
@@ -179,7 +184,7 @@ class Phantom:
 
     def paint(self, cv: Canvas) -> None:
         """Paint everything at ``cv.z``: base anatomy first, then findings by layer."""
-        layers: dict[Layer, list[Finding]] = {}
+        layers: dict[Layer, list[PlantedFinding]] = {}
         for f in self.findings:
             lo, hi = f.z_extent()
             if lo - 1e-6 <= cv.z <= hi + 1e-6:
