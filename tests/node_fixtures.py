@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
+from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
 from app.node.spool import DurableFs, Spool
 from app.node.state import State
-from operators.dicom_receiver import DicomReceiver, ReceiverOptions, parse_callers
 from tests.peers import LOOPBACK, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]

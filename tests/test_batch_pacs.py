@@ -13,8 +13,8 @@ from app.app import process_folder
 from app.batch.filters import StudyFilter
 from app.batch.pacs import pacs_source
 from app.batch.runner import BatchConfig, run_batch
-from operators.dicom_network import RemoteNode
-from operators.dicom_query import StudyQuery, find_studies, get_study
+from app.dimse.network import RemoteNode
+from app.dimse.query import StudyQuery, find_studies, get_study
 from operators.model_runner import HyperCTRunner
 from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import read_csv, study_dir, study_uid
@@ -58,7 +58,7 @@ def _header(folder: Path) -> pydicom.Dataset:
 
 
 def test_c_find_applies_modality_and_accession_and_c_get_retrieves(orthanc, studies, tmp_path: Path) -> None:
-    from operators.dicom_network import enable_tcp_nodelay
+    from app.dimse.network import enable_tcp_nodelay
 
     enable_tcp_nodelay()
     node = RemoteNode.parse(_node(orthanc))

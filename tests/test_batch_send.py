@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from app.batch.runner import BatchConfig, run_batch
 from app.batch.send import SendConfig
 from app.cli import cli
+from app.dimse.sender import RetryPolicy
 from app.node.state import State
-from operators.dicom_sender import RetryPolicy
 from operators.model_runner import HyperCTRunner
 from tests.batch_fixtures import read_csv, study_dir, study_uid
 from tests.dicom_fixtures import dciodvfy

@@ -1,4 +1,4 @@
-"""operators.dicom_network: AE/remote-node validation, TLS contexts (real handshakes against a
+"""app.dimse.network: AE/remote-node validation, TLS contexts (real handshakes against a
 pynetdicom SCP with a throwaway CA) and the TCP_NODELAY patch on real associations."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer, AssociationSocket
 
-from operators.dicom_network import RemoteNode, TlsConfig, enable_tcp_nodelay, validate_ae_title
-from operators.dicom_sender import echo, send_files
+from app.dimse.network import RemoteNode, TlsConfig, enable_tcp_nodelay, validate_ae_title
+from app.dimse.sender import echo, send_files
 from tests.dicom_fixtures import ct_series, write_series
 from tests.peers import LOOPBACK, PyStoreSCP, TlsFiles, free_port, make_tls_files
 

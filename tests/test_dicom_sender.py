@@ -1,4 +1,4 @@
-"""operators.dicom_sender against real peers on loopback: DCMTK storescp (byte-identical datasets),
+"""app.dimse.sender against real peers on loopback: DCMTK storescp (byte-identical datasets),
 Orthanc (found over REST, unknown called AE rejected), a pynetdicom SCP with chosen statuses; plus
 error classification and the retry policy."""
 
@@ -23,8 +23,8 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import split_dataset
 
-from operators.dicom_network import RemoteNode
-from operators.dicom_sender import (
+from app.dimse.network import RemoteNode
+from app.dimse.sender import (
     PermanentSendError,
     RetryPolicy,
     SendReport,

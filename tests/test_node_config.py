@@ -12,14 +12,14 @@ from pydicom import dcmread
 from typer.testing import CliRunner
 
 from app.cli import cli
+from app.dimse.network import RemoteNode, TlsConfig
+from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
+from app.dimse.sender import RetryPolicy, send_files
 from app.node.config import NodeConfig
 from app.node.outbox import Outbox
 from app.node.service import NodeService
 from app.node.spool import Spool
 from app.node.state import InstanceRecord, State
-from operators.dicom_network import RemoteNode, TlsConfig
-from operators.dicom_receiver import DicomReceiver, ReceiverOptions, parse_callers
-from operators.dicom_sender import RetryPolicy, send_files
 from tests.dicom_fixtures import ct_series, write_series
 from tests.node_fixtures import SCU_AE
 from tests.peers import LOOPBACK, free_port, make_tls_files
@@ -158,7 +158,7 @@ def test_spool_retention(tmp_path: Path, retention: str, keep_days: float, remov
 
 def test_outbox_retries_transient_and_fails_permanent_errors(tmp_path: Path) -> None:
     """Against a fake sender: transient errors back off, permanent ones and exhausted attempts fail."""
-    from operators.dicom_sender import FileResult, SendReport, TransientSendError
+    from app.dimse.sender import FileResult, SendReport, TransientSendError
 
     state, spool = State(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
     _record(state, spool, "1.2.3", "1.2.3.4")

@@ -16,10 +16,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
+from app.dimse.receiver import OUT_OF_RESOURCES, SUCCESS, StoreHandler
 from app.node.recovery import recover
 from app.node.spool import DurableFs, Spool
 from app.node.state import State
-from operators.dicom_receiver import OUT_OF_RESOURCES, SUCCESS, StoreHandler
 from operators.uids import NODE_DEVICE_CLASS_UID, NODE_DEVICE_UID, NODE_MANUFACTURER
 from operators.volume import load_dicom_series
 from tests.dicom_fixtures import ct_series, write_series

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def query_for(filters: StudyFilter) -> object:
     """The C-FIND keys of a batch filter."""
-    from operators.dicom_query import StudyQuery
+    from app.dimse.query import StudyQuery
 
     return StudyQuery(
         date_from=filters.date_from,
@@ -39,8 +39,8 @@ def pacs_source(
     spec: str, *, calling_ae: str = "HYPERCT", max_cache_bytes: int | None = None
 ) -> Callable[[BatchConfig, BatchReport], list[StudyJob]]:
     """A job source for :func:`app.batch.runner.run_batch` that queries ``spec`` (``AE@host:port``)."""
-    from operators.dicom_network import RemoteNode, enable_tcp_nodelay
-    from operators.dicom_query import find_studies, get_study
+    from app.dimse.network import RemoteNode, enable_tcp_nodelay
+    from app.dimse.query import find_studies, get_study
 
     node = RemoteNode.parse(spec)  # ValueError names what is wrong with the address
 

@@ -4,7 +4,7 @@ One outbox implementation: the batch keeps a database of the node's schema in
 ``OUT/_batch/state.sqlite`` (:class:`~app.node.state.State`), queues each finished study's SR, SEG
 and text SR with :meth:`State.enqueue_results` (paths relative to OUT) and sends them with
 :class:`~app.node.outbox.Outbox` — the same C-STORE SCU, per-destination association, transient /
-permanent error split and :class:`~operators.dicom_sender.RetryPolicy` backoff as ``hyperct serve``.
+permanent error split and :class:`~app.dimse.sender.RetryPolicy` backoff as ``hyperct serve``.
 An outbox thread sends while the batch runs; at the end :meth:`BatchSender.drain` waits (bounded)
 for the rest. Because the rows are keyed by (destination, SOP Instance UID) and the output UIDs are
 deterministic, a rerun resumes pending and failed sends and never sends a delivered object again.
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.dimse.sender import RetryPolicy
 from app.node.outbox import result_outputs
-from operators.dicom_sender import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class BatchSender:
     """The outbox of one OUT folder: queue per study, send in the background, drain at the end."""
 
     def __init__(self, cfg: SendConfig, output: Path, work_dir: Path) -> None:
+        from app.dimse.network import RemoteNode
         from app.node.outbox import Outbox
         from app.node.state import State
-        from operators.dicom_network import RemoteNode
 
         for dest in cfg.destinations:
             RemoteNode.parse(dest)  # a bad address fails before any study runs

@@ -135,8 +135,8 @@ def process(
     send = None
     if send_to:
         from app.batch.send import SendConfig
-        from operators.dicom_network import RemoteNode
-        from operators.dicom_sender import RetryPolicy
+        from app.dimse.network import RemoteNode
+        from app.dimse.sender import RetryPolicy
 
         for dest in send_to:
             try:

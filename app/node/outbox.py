@@ -24,9 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app.dimse.network import RemoteNode, TlsConfig
+from app.dimse.sender import RetryPolicy, send_files
 from app.node.state import OutboxItem, State
-from operators.dicom_network import RemoteNode, TlsConfig
-from operators.dicom_sender import RetryPolicy, send_files
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def recover(state: State, spool: Spool, *, late_policy: str = "reprocess") -> Re
     """Bring the state in line with the spool (idempotent; run before the receiver starts)."""
     from pydicom.filereader import read_file_meta_info
 
-    from operators.dicom_receiver import describe_instance, read_header
+    from app.dimse.receiver import describe_instance, read_header
 
     removed = spool.clean_temporaries()
     requeued = state.requeue_interrupted()

@@ -35,7 +35,7 @@ HOUSEKEEPING_INTERVAL_S = 60.0
 
 
 def tls_config(settings: Any) -> Any:
-    from operators.dicom_network import TlsConfig
+    from app.dimse.network import TlsConfig
 
     if not settings.enabled and not settings.ca:
         return None
@@ -70,8 +70,8 @@ class NodeService:
 
     # ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        from operators.dicom_receiver import DicomReceiver, ReceiverOptions, parse_callers
-        from operators.dicom_sender import RetryPolicy
+        from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
+        from app.dimse.sender import RetryPolicy
 
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ we acknowledged.
 Why this order (temp file → fsync(file) → rename → fsync(dir)): a rename is atomic, so readers
 never see half a file; fsync of the file before the rename makes sure the *data* is on disk before
 the *name* points at it; fsync of the directory makes the new name itself durable. Only after that
-does the receiver commit the database row and return success (see ``operators/dicom_receiver``).
+does the receiver commit the database row and return success (see :mod:`app.dimse.receiver`).
 
 All file-system calls go through :class:`DurableFs` so tests can spy on their order and inject
 failures (disk full, crash at each step) without a special file system.

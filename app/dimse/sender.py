@@ -30,7 +30,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from operators.dicom_network import RemoteNode, enable_tcp_nodelay, validate_ae_title
+from app.dimse.network import RemoteNode, enable_tcp_nodelay, validate_ae_title
 
 LOGGER = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ back on the association we opened, so the PACS needs no route back to us (no mov
 configured at the PACS, no listening port here, nothing to open in a firewall). The C-FIND keys are
 the filters of a batch run (date range, modality, accession); results are de-duplicated by
 StudyInstanceUID. pynetdicom does not set ``TCP_NODELAY`` itself, so the caller enables it once
-(:func:`operators.dicom_network.enable_tcp_nodelay`).
+(:func:`app.dimse.network.enable_tcp_nodelay`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from operators.dicom_network import RemoteNode
+from app.dimse.network import RemoteNode
 
 logger = logging.getLogger(__name__)
 

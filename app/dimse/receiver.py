@@ -50,7 +50,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from operators.dicom_network import TlsConfig, enable_tcp_nodelay
+from app.dimse.network import TlsConfig, enable_tcp_nodelay
 from operators.uids import is_own_output
 
 if TYPE_CHECKING:
