@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from operators.dicom_writer import WriterOptions
 from operators.ort_session import SessionOptions
 from operators.series_selection import SelectionRules
-from operators.volume_loader import VolumeChecks
+from operators.settings import WriterOptions
+from operators.volume import VolumeChecks
 
 logger = logging.getLogger(__name__)
 

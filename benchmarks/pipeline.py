@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: tiny random model)")
     args = ap.parse_args()
 
-    from app.app import process_folder
+    from app.app import run_graph
+    from app.pipeline import Pipeline
     from synth import StudyConfig, generate_study
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +109,7 @@ def main() -> None:
             keys = ["pleural_effusion", "lung_nodule", "cardiomegaly"]
             model = export_model(build_hyperct(backbone_config="tiny", task_keys=keys), root / "models" / "hyperct")
         print(f"\nstages for one study with {model}")
-        wall, summaries = _time(lambda: process_folder(study, root / "out", Path(model)))
+        wall, summaries = _time(lambda: run_graph(study, root / "out", Pipeline(Path(model))))
         (rec,) = summaries  # type: ignore[misc]
         results = json.loads((root / "out" / rec["files"]["results"]).read_text())
         for stage, sec in results["outputs"]["timings_s"].items():

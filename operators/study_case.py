@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -71,6 +71,12 @@ class StudyCase:
             self.stop(Outcome.FAILED, f"{name}: {type(exc).__name__}: {exc}")
         finally:
             self.timings[name] = round(time.perf_counter() - t0, 4)
+
+    def run_stage(self, name: str, work: Callable[[StudyCase], None]) -> None:
+        """Run one stage on this case if it is still active, timed; an exception fails this case only."""
+        if self.active:
+            with self.stage(name):
+                work(self)
 
     def summary(self) -> dict[str, Any]:
         """The outcome record written to ``outcome.json`` and returned by ``hyperct run``."""

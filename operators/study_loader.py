@@ -64,25 +64,30 @@ class StudyLoaderOperator(DICOMDataLoaderOperator):
         op_output.emit(self.load_cases(folder), "cases")
 
     def load_cases(self, folder: Path) -> list[StudyCase]:
-        """Load every study under ``folder``; an empty or unusable folder yields one failed case."""
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"input folder {folder} does not exist")
-        files: list[str] = []
-        self._list_files(str(folder), files)
-        studies = self._load_data(sorted(files))
-        cases = cases_from_studies(studies, self.output_folder)
-        if not cases:
-            case = StudyCase(study_instance_uid="", output_folder=self.output_folder)
-            detail = f" ({len(self.skipped)} files skipped, e.g. {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
-            case.stop(Outcome.NOT_PROCESSED, f"no DICOM study found in the input{detail}")
-            cases.append(case)
-        logger.info("loaded %d study(ies) from %d files (%d skipped)", len(studies), len(files), len(self.skipped))
+        cases, self.skipped = load_cases(folder, self.output_folder)
         return cases
 
-    def _load_data(self, files: list[str]) -> list[DICOMStudy]:
-        """Group readable instances into studies and series (SDK domain objects)."""
-        studies, self.skipped = group_instances(files)
-        return studies
+
+def list_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` (any depth), sorted: the loader reads each one's header."""
+    return sorted(str(Path(root) / name) for root, _, names in os.walk(folder, followlinks=True) for name in names)
+
+
+def load_cases(folder: Path, output_folder: Path) -> tuple[list[StudyCase], list[tuple[str, str]]]:
+    """One :class:`StudyCase` per study under ``folder`` and the skipped files with reasons; an
+    empty or unusable folder yields one not-processed case saying why."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"input folder {folder} does not exist")
+    files = list_files(Path(folder))
+    studies, skipped = group_instances(files)
+    cases = cases_from_studies(studies, Path(output_folder))
+    if not cases:
+        case = StudyCase(study_instance_uid="", output_folder=Path(output_folder))
+        detail = f" ({len(skipped)} files skipped, e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        case.stop(Outcome.NOT_PROCESSED, f"no DICOM study found in the input{detail}")
+        cases.append(case)
+    logger.info("loaded %d study(ies) from %d files (%d skipped)", len(studies), len(files), len(skipped))
+    return cases, skipped
 
 
 def group_instances(files: list[str]) -> tuple[list[DICOMStudy], list[tuple[str, str]]]:

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -552,3 +552,42 @@ def load_nifti(
     hu = np.ascontiguousarray(data.transpose(2, 1, 0))
     affine = _RAS_TO_LPS @ np.asarray(img.affine, dtype=np.float64)
     return Volume(hu=hu, affine=affine)
+
+
+@dataclass(frozen=True)
+class VolumeChecks:
+    """Sanity checks on a loaded CT volume (``app.yaml`` section ``volume-checks``)."""
+
+    min_z_extent_mm: float = 120.0
+    lung_hu_range: tuple[float, float] = (-950.0, -600.0)
+    min_lung_fraction: float = 0.01
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> VolumeChecks:
+        if not data:
+            return cls()
+        names = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise ValueError(f"volume-checks: unknown key {key!r} (known: {sorted(names)})")
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+def check_volume(volume: Volume, checks: VolumeChecks) -> str | None:
+    """The reason a volume cannot be a chest CT for HyperCT, or None when it can."""
+    n = volume.shape[0]
+    z_extent = float(np.linalg.norm(volume.affine[:3, 2])) * max(n - 1, 0)
+    if z_extent < checks.min_z_extent_mm:
+        return f"the series covers {z_extent:.0f} mm along the body, less than {checks.min_z_extent_mm:.0f} mm"
+    middle = volume.hu[n // 4 : max(n // 4 + 1, 3 * n // 4)]
+    lo, hi = checks.lung_hu_range
+    fraction = float(np.count_nonzero((middle >= lo) & (middle <= hi))) / middle.size
+    if fraction < checks.min_lung_fraction:
+        return (
+            f"no lungs found: {fraction:.1%} of the central slices lie in {lo:g}..{hi:g} HU "
+            f"(need {checks.min_lung_fraction:.0%}); not a chest CT or wrong rescale"
+        )
+    return None

@@ -14,7 +14,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from app.app import EXIT_NOT_PROCESSED, exit_code, process_folder
+from app.app import EXIT_NOT_PROCESSED, exit_code, run_graph
+from app.pipeline import Pipeline
 from operators.model_runner import HyperCTRunner
 from synth import PatientPosition
 from tests.app_fixtures import small_study
@@ -38,7 +39,7 @@ def processed(
     """One study with scout + thick + contrast + MR distractors, processed once for several tests."""
     study = small_study(tmp_path_factory.mktemp("in"), extras=("scout", "thick", "contrast", "mr"))
     out = tmp_path_factory.mktemp("out")
-    summaries = process_folder(study, out, model_dir, runner=runner)
+    summaries = run_graph(study, out, Pipeline(model_dir, runner=runner))
     assert [s["outcome"] for s in summaries] == ["processed"], summaries
     return study, out
 
@@ -161,7 +162,7 @@ def test_mr_only_and_corrupt_inputs_end_with_clear_outcomes(
     mr_study = small_study(tmp_path / "mr", extras=("mr",))
     for axial in mr_study.glob("*/0[1-4]_*"):
         shutil.rmtree(axial)
-    summaries = process_folder(mr_study, tmp_path / "out-mr", model_dir, runner=runner)
+    summaries = run_graph(mr_study, tmp_path / "out-mr", Pipeline(model_dir, runner=runner))
     assert summaries[0]["outcome"] == "not-processed" and "modality MR is not CT" in summaries[0]["reason"]
 
     corrupt = tmp_path / "corrupt"
@@ -169,7 +170,7 @@ def test_mr_only_and_corrupt_inputs_end_with_clear_outcomes(
     (corrupt / "a.dcm").write_bytes(b"DICM" + os.urandom(2000))
     (corrupt / "b").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI")  # truncated meta
     (corrupt / "notes.txt").write_text("not DICOM")
-    summaries = process_folder(corrupt, tmp_path / "out-corrupt", model_dir, runner=runner)
+    summaries = run_graph(corrupt, tmp_path / "out-corrupt", Pipeline(model_dir, runner=runner))
     assert summaries[0]["outcome"] == "not-processed"
     assert "no DICOM study found" in summaries[0]["reason"] and "skipped" in summaries[0]["reason"]
     assert exit_code(summaries, map_entry=True) == 0
@@ -180,7 +181,7 @@ def test_corrupt_file_inside_a_good_study_does_not_stop_it(
 ) -> None:
     study = small_study(tmp_path / "in")
     (next(study.glob("*/02_axial")) / "zz-broken.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"garbage")
-    summaries = process_folder(study, tmp_path / "out", model_dir, runner=runner)
+    summaries = run_graph(study, tmp_path / "out", Pipeline(model_dir, runner=runner))
     assert summaries[0]["outcome"] == "processed"
 
 
@@ -212,8 +213,8 @@ def test_hfs_and_ffs_give_the_same_probabilities_and_attention(
     assert a[0].ImagePositionPatient != b[0].ImagePositionPatient  # instance 1 is the other end
     assert not np.array_equal(a[0].pixel_array, b[0].pixel_array)
     out_a, out_b = tmp_path / "out-hfs", tmp_path / "out-ffs"
-    process_folder(hfs, out_a, model_dir, runner=runner)
-    process_folder(ffs, out_b, model_dir, runner=runner)
+    run_graph(hfs, out_a, Pipeline(model_dir, runner=runner))
+    run_graph(ffs, out_b, Pipeline(model_dir, runner=runner))
     pa = {t["key"]: t["probability"] for t in _results(out_a)["tasks"]}
     pb = {t["key"]: t["probability"] for t in _results(out_b)["tasks"]}
     assert pa.keys() == pb.keys()

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from app.app import process_folder
+from app.app import run_graph
 from app.batch.filters import StudyFilter
 from app.batch.runner import BatchConfig, run_batch
+from app.pipeline import Pipeline
 from operators.model_runner import HyperCTRunner
 from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import copy_study, read_csv, strip_suffixes, study_dir, study_uid, zip_folder
@@ -43,11 +44,11 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def expected(
     tmp_path_factory: pytest.TempPathFactory, studies: dict[str, Path], runner: HyperCTRunner, model_dir: Path
 ):
-    """``hyperct run`` (process_folder) on each eligible study alone: its results.json."""
+    """``hyperct run`` (run_graph) on each eligible study alone: its results.json."""
     results = {}
     for key in ("a", "b"):
         out = tmp_path_factory.mktemp(f"run-{key}")
-        (summary,) = process_folder(studies[key], out, model_dir, runner=runner)
+        (summary,) = run_graph(studies[key], out, Pipeline(model_dir, runner=runner))
         assert summary["outcome"] == "processed", summary
         results[study_uid(studies[key])] = json.loads((out / summary["files"]["results"]).read_text())
     return results

@@ -9,12 +9,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from app.app import process_folder
+from app.app import run_graph
 from app.batch.filters import StudyFilter
 from app.batch.pacs import pacs_source
 from app.batch.runner import BatchConfig, run_batch
 from app.dimse.network import RemoteNode
 from app.dimse.query import StudyQuery, find_studies, get_study
+from app.pipeline import Pipeline
 from operators.model_runner import HyperCTRunner
 from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import read_csv, study_dir, study_uid
@@ -97,7 +98,7 @@ def test_process_from_pacs_equals_hyperct_run(orthanc, studies, model_dir: Path,
     rows = read_csv(out / "findings.csv")
     assert len(rows) == 2 * len(TINY_TASKS)
     for key in ("a", "b"):
-        (summary,) = process_folder(studies[key], tmp_path / f"run-{key}", model_dir, runner=runner)
+        (summary,) = run_graph(studies[key], tmp_path / f"run-{key}", Pipeline(model_dir, runner=runner))
         expected = json.loads((tmp_path / f"run-{key}" / summary["files"]["results"]).read_text())
         got = {
             r["task_key"]: float(r["probability"])

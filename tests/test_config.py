@@ -9,7 +9,7 @@ import yaml
 
 from app.config import REPO_APP_YAML, AppConfig
 from operators.series_selection import SelectionRules
-from operators.volume_loader import VolumeChecks
+from operators.volume import VolumeChecks
 
 
 def test_app_yaml_has_what_the_packager_reads() -> None:

@@ -9,6 +9,7 @@ row twice. Failed studies are retried on a rerun; "not processed" (nothing eligi
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ CREATE TABLE IF NOT EXISTS findings (
     probability REAL NOT NULL, threshold REAL NOT NULL, decision TEXT NOT NULL,
     PRIMARY KEY (study_uid, task_key)
 );
+CREATE TABLE IF NOT EXISTS outcomes (study_uid TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS attempts (study_uid TEXT PRIMARY KEY, attempts INTEGER NOT NULL, last_started TEXT);
 """
 
@@ -50,6 +52,8 @@ class StudyRecord:
     model_version: str = ""
     manifest_sha256: str = ""
     seconds: float = 0.0
+    #: The study's ``outcome.json`` record (the same one ``hyperct run`` writes).
+    outcome_record: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,11 @@ class Ledger:
                  study.selected_series, study.model_name, study.model_version, study.manifest_sha256,
                  study.seconds, _now()),
             )  # fmt: skip
+            if study.outcome_record is not None:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO outcomes VALUES (?, ?)",
+                    (study.study_uid, json.dumps(study.outcome_record, allow_nan=False)),
+                )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -136,6 +145,16 @@ class Ledger:
         cur = self.db.execute("SELECT * FROM studies ORDER BY study_date, study_uid")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def outcome_records(self) -> list[dict[str, Any]]:
+        """Every recorded study's ``outcome.json`` record, in ``studies.csv`` order (a ledger from
+        before the records were kept gives the outcome and reason alone)."""
+        records = {r[0]: json.loads(r[1]) for r in self.db.execute("SELECT study_uid, record FROM outcomes")}
+        return [
+            records.get(row["study_uid"])
+            or {"study_instance_uid": row["study_uid"], "outcome": row["outcome"], "reason": row["reason"]}
+            for row in self.study_rows()
+        ]
 
     def finding_rows(self) -> list[dict[str, Any]]:
         """Findings joined with their study, one per (processed study, task)."""

@@ -5,8 +5,8 @@ whole run) and the ledger. ``workers`` threads load and preprocess the next stud
 prefetch queue (``prefetch`` studies at most, each holding its volume in memory) and one writer
 thread writes the previous study's SEG/SR while the current one runs inference, so reading DICOM,
 preprocessing and writing hide behind inference. The stages are the application's own
-(:func:`app.app.prepare_case`, :func:`app.app.infer_prepared_case`, :func:`app.app.write_case_results`),
-so a study gives the same results here as with ``hyperct run``.
+(:data:`app.pipeline.PREPARE`, :data:`~app.pipeline.INFER`, :data:`~app.pipeline.WRITE` of one
+:class:`~app.pipeline.Pipeline`), so a study gives the same results here as with ``hyperct run``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from app.batch.ledger import FindingRow, Ledger, StudyRecord
 from app.batch.send import BatchSender, SendConfig
 from app.batch.table import write_tables
 from app.config import AppConfig
+from app.pipeline import INFER, PREPARE, WRITE, Pipeline
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -180,34 +181,22 @@ class BatchRunner:
     def __init__(
         self, cfg: BatchConfig, runner: HyperCTRunner | None = None, sender: BatchSender | None = None
     ) -> None:
-        from operators.manifest import manifest_sha256
-        from operators.model_runner import HyperCTRunner
-        from operators.preprocessing import PreprocessingConfig
-        from operators.results import ModelInfo
-
         self.cfg = cfg
         self.sender = sender
-        inference = cfg.app_config.inference
-        self.runner = runner or HyperCTRunner(
-            cfg.model,
-            inference.session_options(),
-            max_resident=inference.max_resident_sessions,
-            budget_mb=inference.memory_budget_mb,
-        )
-        self.manifest_sha = manifest_sha256(self.runner.model_dir)
-        self.model = ModelInfo.from_manifest(self.runner.manifest, self.manifest_sha)
-        self.preprocessing = PreprocessingConfig.from_dict(self.runner.manifest.preprocessing)
+        self.pipeline = Pipeline(cfg.model, cfg.app_config, runner=runner)
+        self.runner = self.pipeline.runner
+        self.manifest_sha = self.pipeline.manifest_sha256
+        self.model = self.pipeline.model
 
     def prepare(self, job: StudyJob) -> StudyCase:
         """Worker-thread side: load, select, volume, preprocess. Never raises."""
-        from app.app import prepare_case
         from operators.study_case import Outcome, StudyCase
 
         t0 = time.perf_counter()
         try:
             case = load_job(job, self.cfg.output)
             case.timings["load"] = round(time.perf_counter() - t0, 4)
-            return prepare_case(case, self.cfg.app_config, self.preprocessing)
+            return self.pipeline.run_stages(case, PREPARE)
         except Exception as exc:  # noqa: BLE001 - one study's failure must not stop the batch
             logger.exception("study %s: loading failed", job.study_uid)
             case = StudyCase(study_instance_uid=job.study_uid, output_folder=self.cfg.output)
@@ -216,15 +205,11 @@ class BatchRunner:
 
     def infer(self, case: StudyCase) -> StudyCase:
         """Main-thread side: the model (sessions are this thread's)."""
-        from app.app import infer_prepared_case
-
-        return infer_prepared_case(case, self.runner, self.model)
+        return self.pipeline.run_stages(case, INFER)
 
     def write(self, case: StudyCase) -> dict[str, Any]:
-        """Writer-thread side: SEG, SR, text SR, results.json."""
-        from app.app import write_case_results
-
-        return write_case_results(case, self.cfg.app_config)
+        """Writer-thread side: SEG, SR, text SR, results.json; the study's outcome record."""
+        return self.pipeline.run_stages(case, WRITE).summary()
 
     def record(self, job: StudyJob, case: StudyCase, summary: dict[str, Any], ledger: Ledger) -> str:
         """One ledger transaction for a written study (main thread: the ledger's connection lives here).
@@ -265,6 +250,7 @@ class BatchRunner:
                 model_version=self.model.version,
                 manifest_sha256=self.manifest_sha,
                 seconds=round(sum(case.timings.values()), 3),
+                outcome_record=summary,
             ),
             findings,
         )
@@ -326,7 +312,11 @@ class BatchRunner:
         errors = index.file_errors() if index is not None else getattr(self, "_file_errors", [])
         self._file_errors = errors
         sends = self.sender.rows() if self.sender is not None else None
-        return write_tables(self.cfg.output, ledger.finding_rows(), ledger.study_rows(), errors, sends=sends)
+        tables = write_tables(self.cfg.output, ledger.finding_rows(), ledger.study_rows(), errors, sends=sends)
+        from operators.stages import OUTCOME_FILE, write_outcome_json
+
+        write_outcome_json(self.cfg.output, ledger.outcome_records())
+        return {**tables, "outcome": self.cfg.output / OUTCOME_FILE}
 
 
 def drain_sends(sender: BatchSender, progress: Progress, *, interrupted: bool) -> dict[str, int]:

@@ -105,7 +105,7 @@ class BatchSender:
         that has none of their rows yet — results computed without ``--send-to``, or before a
         destination was added, go out without recomputing. Their ``results.json`` names the files.
         Returns the studies queued."""
-        from operators.results_writer import RESULTS_FILE
+        from operators.stages import RESULTS_FILE
 
         have = {(r["study_uid"], r["destination"]) for r in self.state.query(
             "SELECT DISTINCT study_uid, destination FROM outbox")}  # fmt: skip

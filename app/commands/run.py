@@ -59,14 +59,15 @@ def run(
     """Process one folder (the same pipeline as the MAP and the node)."""
     import logging
 
-    from app.app import exit_code, process_folder
+    from app.app import exit_code, run_graph
     from app.config import AppConfig
+    from app.pipeline import Pipeline
     from operators.manifest import ManifestError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     model_path = model or default_model_path()
     try:
-        summaries = process_folder(input_folder, output_folder, model_path, config=AppConfig.load(config))
+        summaries = run_graph(input_folder, output_folder, Pipeline(model_path, AppConfig.load(config)))
     except (ManifestError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

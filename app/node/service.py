@@ -50,17 +50,9 @@ def tls_config(settings: Any) -> Any:
 class NodeService:
     """The node; ``serve_forever()`` is ``hyperct serve``."""
 
-    def __init__(
-        self,
-        config: NodeConfig,
-        *,
-        runner_factory: Callable[[Path], Any] | None = None,
-        process: Callable[..., list[dict[str, Any]]] | None = None,
-    ) -> None:
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.data_dir = config.data_path
-        self._runner_factory = runner_factory
-        self._process = process
         self.stop_event = threading.Event()
         self.heartbeat = time.monotonic()
         self.recovery: RecoveryReport | None = None
@@ -113,24 +105,20 @@ class NodeService:
                 cfg.health.bind, cfg.health.port, live=self.live, ready=self.ready, metrics=self.metrics
             )
             self.health.start()
-        # The receiver is up first (durable receive needs no model); then the pipeline is imported
-        # and the model loaded once, so the first study does not pay for it.
+        # The receiver is up first (durable receive needs no model); then the model is loaded once,
+        # so the first study does not pay for it.
         from app.config import AppConfig
+        from app.pipeline import Pipeline
 
         app_config = AppConfig.load(Path(cfg.worker.app_config) if cfg.worker.app_config else None)
         self.worker = Worker(
             self.state,
             self.data_dir,
-            Path(cfg.worker.model),
+            Pipeline(Path(cfg.worker.model), app_config),
             destinations=list(cfg.outbox.destinations),
-            app_config=app_config,
             max_attempts=cfg.worker.max_job_attempts,
-            runner_factory=self._runner_factory,
-            process=self._process,
         )
-        import app.app  # noqa: F401 - MONAI/Holoscan imports take seconds; pay them now
-
-        _ = self.worker.runner
+        _ = self.worker.pipeline.runner
         logger.info("node started (data in %s)", self.data_dir)
 
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
@@ -205,19 +193,14 @@ class NodeService:
             t.join(timeout=max(60.0, self.config.outbox.timeout_s * 2))
         if self.health is not None:
             self.health.stop()
+        if getattr(self, "worker", None) is not None:
+            self.worker.pipeline.close()
         self.state.close()
         logger.info("node stopped")
-
-    def _take_back(self) -> None:
-        """A pipeline run replaces our signal handlers (Holoscan) and our logging set-up (the MONAI
-        Deploy application configures the root logger): take both back after each run."""
-        _install_signal_handlers(self.request_stop)
-        configure_logging(self.config.logging.level, self.config.logging.json)
 
     def serve_forever(self) -> None:
         _install_signal_handlers(self.request_stop)
         self.start()
-        self.worker.after_run = self._take_back
         try:
             self.run()
         finally:
@@ -225,9 +208,7 @@ class NodeService:
 
 
 def _install_signal_handlers(handler: Callable[..., None]) -> None:
-    """SIGTERM/SIGINT → graceful stop. While a pipeline runs, Holoscan's own handlers replace ours
-    (process-wide, no API to opt out): a signal then stops the graph and Holoscan ends the process
-    itself. The state is consistent either way (docs/node.md, "SIGTERM")."""
+    """SIGTERM/SIGINT → graceful stop: the running job finishes, then the node shuts down."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)

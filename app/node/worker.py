@@ -1,7 +1,9 @@
 """The worker: runs the application pipeline on complete studies, models loaded once per process.
 
-Why in-process (one :class:`~operators.model_runner.HyperCTRunner` for the life of the node, passed
-to :func:`app.app.process_folder` for every study) and not one ``python -m app`` per study: measured
+Why in-process (one :class:`~app.pipeline.Pipeline`, and so one set of ONNX Runtime sessions, for
+the life of the node; :meth:`~app.pipeline.Pipeline.run_folder` for every study, the same stages as
+the MONAI Deploy graph without a Holoscan application per study) and not one ``python -m app`` per
+study: measured
 on the 2-core CI machine with the tiny test model and a 110-slice study, a study takes 1.0–2.1 s
 in-process against 10.6–11.0 s as a fresh process (imports of MONAI/Holoscan/torch plus session
 creation on every run); with ViT-B tasks session creation alone is 0.8–1.1 s per task (see
@@ -19,12 +21,11 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from app.node.outbox import result_outputs
 from app.node.state import Job, State
+from app.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -36,47 +37,20 @@ class Worker:
         self,
         state: State,
         data_dir: Path,
-        model_path: Path,
+        pipeline: Pipeline,
         *,
         destinations: list[str],
-        app_config: Any = None,
         max_attempts: int = 3,
-        runner_factory: Callable[[Path], Any] | None = None,
-        process: Callable[..., list[dict[str, Any]]] | None = None,
     ) -> None:
         self.state = state
         self.data_dir = Path(data_dir)
         self.spool_dir = self.data_dir / "spool"
         self.work_dir = self.data_dir / "work"
         self.results_dir = self.data_dir / "results"
-        self.model_path = Path(model_path)
+        self.pipeline = pipeline
         self.destinations = list(destinations)
-        self.app_config = app_config
         self.max_attempts = max_attempts
-        self._runner_factory = runner_factory
-        self._process = process
-        self._runner: Any = None
         self.busy_since: float | None = None
-        #: Called right after each pipeline run (the service takes back logging and signal handlers).
-        self.after_run: Callable[[], None] | None = None
-
-    @property
-    def runner(self) -> Any:
-        """Created on first use and kept: ONNX Runtime sessions live as long as the process."""
-        if self._runner is None:
-            if self._runner_factory is not None:
-                self._runner = self._runner_factory(self.model_path)
-            else:
-                from operators.model_runner import HyperCTRunner
-
-                opts = self.app_config.inference if self.app_config is not None else None
-                self._runner = HyperCTRunner(
-                    self.model_path,
-                    opts.session_options() if opts else None,
-                    max_resident=opts.max_resident_sessions if opts else None,
-                    budget_mb=opts.memory_budget_mb if opts else None,
-                )
-        return self._runner
 
     def run_next(self) -> Job | None:
         """Run the oldest queued job, if any; returns it (None when the queue is empty)."""
@@ -116,16 +90,7 @@ class Worker:
         try:
             folder = self._snapshot(job)
             shutil.rmtree(output, ignore_errors=True)
-            process = self._process
-            if process is None:
-                from app.app import process_folder as process
-            try:
-                summaries = process(
-                    folder, output, self.model_path, runner=self.runner, config=self.app_config
-                )
-            finally:
-                if self.after_run is not None:
-                    self.after_run()
+            summaries = self.pipeline.run_folder(folder, output)
         except Exception as exc:  # noqa: BLE001 - any pipeline error is this job's failure
             logger.exception("job %d (study %s) raised", job.id, job.study_uid)
             state = self.state.fail_attempt(

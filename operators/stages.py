@@ -1,0 +1,164 @@
+"""What each pipeline stage does to one :class:`~operators.study_case.StudyCase`.
+
+One function per stage, each filling its part of the case or stopping it with an outcome and a
+reason. :mod:`app.pipeline` lists them in order; the MONAI Deploy graph (one
+:class:`~operators.stage_operator.CaseStageOperator` per stage), ``hyperct process`` and the node all
+call these same functions, so a study gives the same results whichever way it came in. The work
+itself lives in the cores (series selection, volume, preprocessing, runner, SR/SEG writers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from operators.model_runner import HyperCTRunner
+from operators.preprocessing import PreprocessingConfig, model_map_to_source, preprocess
+from operators.results import ModelInfo, StudyResult, TaskResult
+from operators.seg_writer import build_seg
+from operators.series_selection import SelectionRules, select_series, summarize_series
+from operators.settings import WriterOptions
+from operators.sr_writer import build_sr, save
+from operators.study_case import Outcome, StudyCase
+from operators.text_report import build_text_sr
+from operators.volume import VolumeChecks, VolumeError, check_volume, load_dicom_series
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+OUTCOME_FILE = "outcome.json"
+
+
+def select_case_series(case: StudyCase, rules: SelectionRules) -> None:
+    """Fill ``case.selection`` and ``case.series_datasets`` or stop the case with the reasons."""
+    pairs = []
+    for series in case.study.get_all_series():
+        for inst in series.get_sop_instances():
+            ds = inst.get_native_sop_instance()
+            pairs.append((Path(str(getattr(ds, "filename", "") or "")), ds))
+    summaries = summarize_series(pairs)
+    result = select_series(summaries, rules)
+    case.selection = result
+    if result.selected is None:
+        case.stop(Outcome.NOT_PROCESSED, result.why)
+        return
+    uid = result.selected.series_instance_uid
+    case.series_datasets = [ds for _, ds in pairs if str(ds.SeriesInstanceUID) == uid]
+
+
+def load_case_volume(case: StudyCase, checks: VolumeChecks) -> None:
+    """Fill ``case.volume`` or stop the case with the reason."""
+    try:
+        volume = load_dicom_series(case.series_datasets)
+    except VolumeError as exc:
+        case.stop(Outcome.NOT_PROCESSED, f"series refused: {exc}")
+        return
+    reason = check_volume(volume, checks)
+    if reason is not None:
+        case.stop(Outcome.NOT_PROCESSED, f"series refused: {reason}")
+        return
+    case.volume = volume
+    logger.info(
+        "study %s: volume %s voxels, spacing %s mm",
+        case.study_instance_uid,
+        "x".join(map(str, volume.shape)),
+        ", ".join(f"{s:.3g}" for s in volume.spacing),
+    )
+
+
+def preprocess_case(case: StudyCase, config: PreprocessingConfig) -> None:
+    """Fill ``case.model_input`` or stop the case when nothing lies inside the body window."""
+    case.model_input = preprocess(case.volume, config)
+    if not bool(case.model_input.mask.any()):
+        case.stop(Outcome.NOT_PROCESSED, "preprocessing left no image inside the body window")
+
+
+def infer_case(case: StudyCase, runner: HyperCTRunner, model: ModelInfo) -> None:
+    """Fill ``case.result``: per-task probability, decision, and source-space attention maps."""
+    outputs = runner.run_input(case.model_input)
+    tasks: list[TaskResult] = []
+    for entry in runner.manifest.tasks:
+        out = outputs[entry.key]
+        result = TaskResult.from_manifest(entry, out.logit, probability=out.probability)
+        if result.present and result.saliency and out.attention is not None:
+            # Only positive findings get a SEG segment, and a full-resolution float map is ~300 MB:
+            # resample just those.
+            source_map = model_map_to_source(out.attention, case.model_input.transform, case.volume)
+            result = replace(result, attention=source_map)
+        tasks.append(result)
+        logger.info(
+            "study %s: %s p=%.4f threshold=%.3f %s",
+            case.study_instance_uid,
+            entry.key,
+            result.probability,
+            result.threshold,
+            result.decision,
+        )
+    volume = case.volume
+    case.result = StudyResult(
+        study_instance_uid=case.study_instance_uid,
+        series_instance_uid=str(volume.series_instance_uid),
+        sop_instance_uids=list(volume.sop_instance_uids or []),
+        tasks=tasks,
+        model=model,
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+        selection=case.selection.to_dict() if case.selection is not None else {},
+    )
+
+
+def study_folder(case: StudyCase) -> Path:
+    """Each study's results go to ``OUT/<StudyInstanceUID>/``."""
+    return case.output_folder / case.study_instance_uid
+
+
+def write_case_dicom(case: StudyCase, options: WriterOptions) -> None:
+    """Write the DICOM results of one processed study and record their paths in ``case.files``."""
+    folder = study_folder(case)
+    sources = case.series_datasets
+    seg = None
+    if options.seg:
+        seg = build_seg(case.result, sources, segmentation_type=options.segmentation_type)
+        if seg is not None:
+            case.files["seg"] = str(save(seg, folder, "SEG").relative_to(case.output_folder))
+    sr = build_sr(case.result, sources, segmentation=seg)
+    case.files["sr"] = str(save(sr, folder, "SR").relative_to(case.output_folder))
+    if options.text_report:
+        text = build_text_sr(case.result, sources)
+        case.files["text_sr"] = str(save(text, folder, "TXT").relative_to(case.output_folder))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results_json(case: StudyCase) -> None:
+    """Write ``results.json`` of an inferred study and mark it processed (the last stage)."""
+    folder = study_folder(case)
+    result = case.result.with_outputs(files=dict(case.files), timings_s=dict(case.timings))
+    write_json_atomic(folder / RESULTS_FILE, result.to_dict())
+    case.files["results"] = str((folder / RESULTS_FILE).relative_to(case.output_folder))
+    case.outcome = Outcome.PROCESSED
+    positives = [t.key for t in case.result.tasks if t.present]
+    logger.info("study %s processed: %d positive finding(s) %s", case.study_instance_uid, len(positives), positives)
+
+
+def write_outcome_json(output_folder: Path, summaries: list[dict[str, Any]]) -> None:
+    """``outcome.json``: one record per study of the run (what a workflow manager reads)."""
+    write_json_atomic(Path(output_folder) / OUTCOME_FILE, {"studies": summaries})
