@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from app.commands.training_extra import needs_training_extra
+
 logger = logging.getLogger(__name__)
 
 HELP = "Derive task labels from clinical tables (echo measurements → the 7 cardiac labels)."
@@ -35,6 +37,7 @@ def _labels_group() -> None:
 
 
 @labels_app.command("echo", help=ECHO_HELP)
+@needs_training_extra("hyperct labels echo")
 def labels_echo_command(
     ct_csv: Annotated[
         Path,

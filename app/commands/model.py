@@ -18,6 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
+from app.commands.training_extra import needs_training_extra
+
 logger = logging.getLogger(__name__)
 
 HELP = "Inspect and check exported HyperCT models (model folders with manifest.json + ONNX files)."
@@ -53,6 +55,7 @@ def _model_group() -> None:
     """Keeps ``model`` a command group."""
 
 
+@needs_training_extra("hyperct export")
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="HyperCT checkpoint (.pt from training).")],
     out: Annotated[Path, typer.Argument(help="Model folder to write (manifest.json + ONNX files).")],
@@ -219,6 +222,7 @@ DEMO_HELP = (
 
 
 @model_app.command("demo", help=DEMO_HELP)
+@needs_training_extra("hyperct model demo")
 def demo_command(
     out: Annotated[Path, typer.Argument(help="Model folder to write.")] = Path("models/hyperct"),
     seed: Annotated[int, typer.Option("--seed", help="Training seed (the synthetic studies are fixed).")] = 0,

@@ -1,7 +1,8 @@
 """``hyperct train``, ``hyperct evaluate`` and ``hyperct baselines`` (training side).
 
 torch and ``training`` are imported inside the command bodies only, so ``hyperct --help`` stays fast
-and serving never loads the training stack. Wire with::
+and serving never loads the training stack; without the ``train`` extra each command says so in one
+line (:func:`app.commands.training_extra.needs_training_extra`). Wire with::
 
     from app.commands import train as train_cmd
     cli.command("train", help=train_cmd.TRAIN_HELP)(train_cmd.train)
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from app.commands.training_extra import needs_training_extra
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ def _flags(device: Device | None, **values: Any) -> list[str]:
     return out
 
 
+@needs_training_extra("hyperct train")
 def train(
     recipe: RecipeArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, metrics, config).")],
@@ -148,6 +152,7 @@ def train(
     )
 
 
+@needs_training_extra("hyperct evaluate")
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt of a run).")],
     data: Annotated[
@@ -204,6 +209,7 @@ def evaluate(
     )
 
 
+@needs_training_extra("hyperct baselines")
 def baselines(
     recipe: RecipeArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per method).")],
