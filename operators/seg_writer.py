@@ -23,24 +23,22 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
-from operators.results import Concept, StudyResult, TaskResult, source_headers
-from operators.sr_writer import coding_scheme_items, research_statements, save
-from operators.uids import (
-    NODE_MANUFACTURER,
-    NODE_MODEL_NAME,
-    SERIES_NUMBERS,
-    Equipment,
-    output_uids,
-    tracking_uid,
+from operators.concepts import ARTIFICIAL_INTELLIGENCE, SALIENCY, SPATIAL_AND_RELATIONAL_CONCEPT, coded
+from operators.dicom_output import (
+    model_identity,
+    output_keywords,
+    research_statements,
+    save,
+    task_tracking_uid,
+    tracking_id,
 )
+from operators.results import Concept, StudyResult, TaskResult, source_headers
+from operators.uids import NODE_MANUFACTURER, Equipment
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SEGMENT_CATEGORY",
-    "SEGMENT_TYPE",
     "DEFAULT_MAX_BYTES",
     "SegmentPlan",
     "attention_mask",
@@ -51,15 +49,8 @@ __all__ = [
     "write_seg",
 ]
 
-#: Segmented Property Category: SCT 309825002 (CID 7150 "Segmentation Property Categories").
-SEGMENT_CATEGORY = codes.SCT.SpatialAndRelationalConcept
-#: Segmented Property Type: DCM 130404 "Saliency" (CID 217 "Visual Explanation"; CID 7151 is extensible).
-SEGMENT_TYPE = codes.DCM.Saliency
-SEGMENT_ALGORITHM_FAMILY = codes.DCM.ArtificialIntelligence
 CONTENT_LABEL = "HYPERCT_ATTN"
 CONTENT_DESCRIPTION = "AI attention maps, not lesion outlines. Research use only."
-SERIES_DESCRIPTION = "HyperCT AI attention maps - RESEARCH USE ONLY"
-SERIES_DESCRIPTION_SYNTHETIC = "HyperCT AI attention maps - SYNTHETIC DEMO - RESEARCH ONLY"
 SEGMENTATION_TYPES = ("BINARY", "FRACTIONAL")
 #: Default size budget of one SEG (bytes of pixel data + per-frame headers, estimated before encoding).
 DEFAULT_MAX_BYTES = 50_000_000
@@ -167,10 +158,6 @@ def fit_budget(
     return [p for i, p in enumerate(plans) if i in kept]
 
 
-def _code(c: Concept) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(c.value, c.scheme_designator, c.meaning, c.scheme_version)
-
-
 def _concept_text(c: Concept) -> str:
     return f'({c.value}, {c.scheme_designator}, "{c.meaning}")'
 
@@ -189,21 +176,19 @@ def _description(
     desc = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=f"Attention: {t.name}"[:64],
-        segmented_property_category=SEGMENT_CATEGORY,
-        segmented_property_type=SEGMENT_TYPE,
+        segmented_property_category=SPATIAL_AND_RELATIONAL_CONCEPT,
+        segmented_property_type=SALIENCY,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=model.name,
-            family=SEGMENT_ALGORITHM_FAMILY,
+            family=ARTIFICIAL_INTELLIGENCE,
             version=model.version,
             source=NODE_MANUFACTURER,
             parameters=params,
         ),
-        tracking_uid=tracking_uid(
-            result.study_instance_uid, result.series_instance_uid, model.manifest_sha256, t.key
-        ),
-        tracking_id=f"HyperCT {t.name}"[:64],
-        anatomic_regions=[_code(t.finding_site)] if t.finding_site is not None else None,
+        tracking_uid=task_tracking_uid(result, t),
+        tracking_id=tracking_id(t),
+        anatomic_regions=[coded(t.finding_site)] if t.finding_site is not None else None,
         display_color=hd.color.CIELabColor(*_COLOURS[(number - 1) % len(_COLOURS)]),
     )
     desc.SegmentDescription = (
@@ -265,8 +250,6 @@ def build_seg(
     pixels = np.stack([p.values[keep] for p in plans], axis=-1)  # [frames, rows, cols, segments]
     if not fractional:
         pixels = pixels.astype(np.uint8)
-    model = result.model
-    uids = output_uids(result.study_instance_uid, result.series_instance_uid, model.manifest_sha256, "seg")
     used_designators = {
         c.scheme_designator for p in plans for c in (p.task.concept, p.task.finding_site) if c is not None
     }
@@ -275,42 +258,30 @@ def build_seg(
         pixel_array=pixels,
         segmentation_type=segmentation_type,
         segment_descriptions=[_description(result, n + 1, p, fractional) for n, p in enumerate(plans)],
-        series_instance_uid=uids.series_instance_uid,
-        series_number=SERIES_NUMBERS["seg"],
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        manufacturer=NODE_MANUFACTURER,
-        manufacturer_model_name=NODE_MODEL_NAME,
-        software_versions=equipment.software_version,
-        device_serial_number=equipment.device_serial_number,
         fractional_type="PROBABILITY",
         max_fractional_value=255,
         content_description=CONTENT_DESCRIPTION,
         content_label=CONTENT_LABEL,
         omit_empty_frames=omit_empty_frames,
-        series_description=SERIES_DESCRIPTION_SYNTHETIC if model.synthetic else SERIES_DESCRIPTION,
-        coding_schemes=coding_scheme_items(model, used_designators) or None,
-        contributing_equipment=[equipment.contributing_equipment(_contribution(result))],
+        **output_keywords(
+            result,
+            "seg",
+            equipment,
+            contribution=f"HyperCT attention maps, {model_identity(result.model)}",
+            used_designators=used_designators,
+        ),
     )
     equipment.apply(seg)
     logger.info(
         "SEG built: study %s series %s -> SOP %s (%s, %d segment(s), %d frame(s))",
         result.study_instance_uid,
         result.series_instance_uid,
-        uids.sop_instance_uid,
+        seg.SOPInstanceUID,
         segmentation_type,
         len(plans),
         int(seg.NumberOfFrames),
     )
     return seg
-
-
-def _contribution(result: StudyResult) -> str:
-    m = result.model
-    synthetic = " (synthetic demo model)" if m.synthetic else ""
-    return (
-        f"HyperCT attention maps, model {m.name} {m.version}{synthetic}, manifest SHA-256 {m.manifest_sha256}"
-    )
 
 
 def write_seg(

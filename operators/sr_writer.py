@@ -19,109 +19,41 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from operators.results import CodingScheme, Concept, ModelInfo, StudyResult, TaskResult, source_headers
-from operators.uids import (
-    NODE_DEVICE_UID,
-    NODE_MANUFACTURER,
-    NODE_MODEL_NAME,
-    SERIES_NUMBERS,
-    Equipment,
-    output_uids,
-    tracking_uid,
+from operators.concepts import (
+    ABSENT,
+    COMMENT,
+    CT_CHEST_PROCEDURE,
+    IMAGING_MEASUREMENT_REPORT,
+    NO_UNITS,
+    PRESENT,
+    PROBABILITY,
+    QUALITATIVE_EVALUATIONS,
+    SALIENCY,
+    THRESHOLD,
+    coded,
 )
+from operators.dicom_output import (
+    SR_DOCUMENT_FLAGS,
+    device_observer_context,
+    model_identity,
+    output_keywords,
+    research_statements,
+    save,
+    task_tracking_uid,
+    tracking_id,
+)
+from operators.results import ModelInfo, StudyResult, TaskResult, source_headers
+from operators.uids import Equipment
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ABSENT",
-    "HYPERCT_SCHEME",
-    "PRESENT",
-    "PROBABILITY",
-    "PROCEDURE_CT_CHEST",
-    "RESEARCH_USE_STATEMENT",
-    "SYNTHETIC_STATEMENT",
-    "THRESHOLD",
-    "build_sr",
-    "coding_scheme_items",
-    "device_observer_context",
-    "image_library_container",
-    "research_statements",
-    "save",
-    "write_sr",
-]
+__all__ = ["build_sr", "image_library_container", "write_sr"]
 
-#: The node's private coding scheme (declared in every object that uses one of its codes).
-HYPERCT_SCHEME = CodingScheme(
-    designator="99HYPERCT",
-    name="HyperCT Node task concepts",
-    responsible_organization="HyperCT Node project",
-    version="1",
-)
-#: NUM concept of the model output. Private on purpose: DCM 122157 "Probability" exists but is in no
-#: context group and its definition was not verifiable offline; ours is defined in docs/results.md as
-#: "model probability (sigmoid of the task logit) that the finding is present; not calibrated".
-PROBABILITY = Code("PROB-FINDING", "99HYPERCT", "Probability of finding")
-#: NUM concept of the operating threshold the decision used (decision: probability >= threshold).
-THRESHOLD = Code("PROB-THRESHOLD", "99HYPERCT", "Decision threshold for probability of finding")
-#: Values of the qualitative evaluation: SCT Present / Absent, the members of DICOM CID 240/241 as listed
-#: by pydicom's code dictionary (``codes.SCT.Present`` = 52101004, ``codes.SCT.Absent`` = 272519000;
-#: HL7/mCODE uses 2667000 for Absent, DICOM does not).
-PRESENT = codes.SCT.Present
-ABSENT = codes.SCT.Absent
-#: Procedure reported: LOINC 24627-2 (CT of the chest; pydicom lists the same code in CID 7000 as
-#: "CT Chest Report"). TID 1500 takes it from the extensible CID 100.
-PROCEDURE_CT_CHEST = Code("24627-2", "LN", "CT Chest")
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
-_QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-_NO_UNITS = codes.UCUM.NoUnits
-
-RESEARCH_USE_STATEMENT = (
-    "For research use only. Not for diagnostic use. Results of an AI model, not reviewed by a physician."
-)
-SYNTHETIC_STATEMENT = "Synthetic demo model: trained on synthetic data only. Not for clinical use."
-#: LO (64 characters) texts for Series Description / Content Description.
-SERIES_DESCRIPTION = "HyperCT AI findings - RESEARCH USE ONLY"
-SERIES_DESCRIPTION_SYNTHETIC = "HyperCT AI findings - SYNTHETIC DEMO - RESEARCH ONLY"
-
-
-def research_statements(model: ModelInfo) -> list[str]:
-    """The statements every output carries: research use, plus the synthetic note when it applies."""
-    return [RESEARCH_USE_STATEMENT, *([SYNTHETIC_STATEMENT] if model.synthetic else [])]
-
-
-def _code(c: Concept) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(c.value, c.scheme_designator, c.meaning, c.scheme_version)
-
-
-def coding_scheme_items(model: ModelInfo, used_designators: set[str]) -> list[CodingSchemeIdentificationItem]:
-    """CodingSchemeIdentificationSequence items for the private ("99…") schemes in use.
-
-    Raises ValueError naming the scheme when a private designator is used but neither the manifest nor
-    the node declares it (an undeclared private code is meaningless to a receiver).
-    """
-    known = {s.designator: s for s in (HYPERCT_SCHEME, *model.coding_schemes)}  # the manifest wins
-    items = []
-    for designator in sorted(d for d in used_designators if d.startswith("99")):
-        scheme = known.get(designator)
-        if scheme is None:
-            raise ValueError(
-                f"CodingSchemeIdentificationSequence: private coding scheme {designator!r} is used but not "
-                "declared in the manifest's coding_schemes"
-            )
-        items.append(
-            CodingSchemeIdentificationItem(
-                designator=scheme.designator,
-                name=scheme.name or None,
-                version=scheme.version or None,
-                responsible_organization=scheme.responsible_organization or None,
-            )
-        )
-    return items
 
 
 def _used_designators(result: StudyResult) -> set[str]:
@@ -146,19 +78,14 @@ def _algorithm(model: ModelInfo, task: TaskResult) -> hd.sr.AlgorithmIdentificat
 
 
 def _group(result: StudyResult, task: TaskResult) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    concept = _code(task.concept)
-    tracking = hd.sr.TrackingIdentifier(
-        uid=tracking_uid(
-            result.study_instance_uid, result.series_instance_uid, result.model.manifest_sha256, task.key
-        ),
-        identifier=f"HyperCT {task.name}"[:64],
-    )
+    concept = coded(task.concept)
+    tracking = hd.sr.TrackingIdentifier(uid=task_tracking_uid(result, task), identifier=tracking_id(task))
     measurements = [
-        hd.sr.Measurement(name=PROBABILITY, value=float(task.probability), unit=_NO_UNITS),
-        hd.sr.Measurement(name=THRESHOLD, value=float(task.threshold), unit=_NO_UNITS),
+        hd.sr.Measurement(name=PROBABILITY, value=float(task.probability), unit=NO_UNITS),
+        hd.sr.Measurement(name=THRESHOLD, value=float(task.threshold), unit=NO_UNITS),
     ]
     evaluation = hd.sr.QualitativeEvaluation(name=concept, value=PRESENT if task.present else ABSENT)
-    sites = [hd.sr.FindingSite(_code(task.finding_site))] if task.finding_site is not None else None
+    sites = [hd.sr.FindingSite(coded(task.finding_site))] if task.finding_site is not None else None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=concept,
@@ -181,12 +108,7 @@ def _attention_groups(
         raise ValueError(
             f"segmentation StudyInstanceUID {segmentation.get('StudyInstanceUID')} is not the result's study"
         )
-    by_uid = {
-        tracking_uid(
-            result.study_instance_uid, result.series_instance_uid, result.model.manifest_sha256, t.key
-        ): t
-        for t in result.tasks
-    }
+    by_uid = {task_tracking_uid(result, t): t for t in result.tasks}
     groups = []
     for seg_item in segmentation.SegmentSequence:
         task = by_uid.get(str(seg_item.get("TrackingUID", "")))
@@ -197,7 +119,7 @@ def _attention_groups(
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=str(seg_item.TrackingUID), identifier=f"HyperCT {task.name}"[:64]
+                    uid=str(seg_item.TrackingUID), identifier=tracking_id(task)
                 ),
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=segmentation.SOPClassUID,
@@ -205,8 +127,8 @@ def _attention_groups(
                     segment_number=int(seg_item.SegmentNumber),
                     source_series=hd.sr.SourceSeriesForSegmentation(result.series_instance_uid),
                 ),
-                finding_type=codes.DCM.Saliency,
-                finding_sites=[hd.sr.FindingSite(_code(task.finding_site))] if task.finding_site else None,
+                finding_type=SALIENCY,
+                finding_sites=[hd.sr.FindingSite(coded(task.finding_site))] if task.finding_site else None,
                 algorithm_id=_algorithm(result.model, task),
             )
         )
@@ -217,34 +139,14 @@ def _statements_container(model: ModelInfo) -> hd.sr.ContainerContentItem:
     """TID 1500 row "Qualitative Evaluations" (UMLS C0034375) at report level, holding the research-use
     (and synthetic) statements as TEXT "Comment" items: highdicom builds no report-level row, so we add
     it to the root container ourselves."""
-    container = hd.sr.ContainerContentItem(
-        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS)
     container.ContentSequence = hd.sr.ContentSequence(
         [
-            hd.sr.TextContentItem(
-                name=codes.DCM.Comment, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            )
+            hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type=_CONTAINS)
             for text in research_statements(model)
         ]
     )
     return container
-
-
-def device_observer_context(equipment: Equipment) -> hd.sr.ObservationContext:
-    """TID 1001/1004: the node as the (only) observer, identified by its fixed Device UID."""
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=NODE_DEVICE_UID,
-                name=NODE_MODEL_NAME,
-                manufacturer_name=NODE_MANUFACTURER,
-                model_name=NODE_MODEL_NAME,
-                serial_number=equipment.device_serial_number,
-            ),
-        )
-    )
 
 
 def build_sr(
@@ -273,15 +175,14 @@ def build_sr(
     equipment = equipment or Equipment()
     sources = source_headers(result, source_datasets)
     model = result.model
-    uids = output_uids(result.study_instance_uid, result.series_instance_uid, model.manifest_sha256, "sr")
     report = hd.sr.MeasurementReport(
         observation_context=device_observer_context(equipment),
-        procedure_reported=PROCEDURE_CT_CHEST,
+        procedure_reported=CT_CHEST_PROCEDURE,
         imaging_measurements=[
             *(_group(result, t) for t in result.tasks),
             *(_attention_groups(result, segmentation) if segmentation is not None else ()),
         ],
-        title=codes.cid7021.ImagingMeasurementReport,
+        title=IMAGING_MEASUREMENT_REPORT,
     )
     root = report[0].ContentSequence
     if image_library:
@@ -291,38 +192,25 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*sources, *([segmentation] if segmentation is not None else [])],
         content=report[0],
-        series_instance_uid=uids.series_instance_uid,
-        series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        manufacturer=NODE_MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        institution_name=equipment.institution_name,
-        institutional_department_name=equipment.institutional_department_name,
-        contributing_equipment=[equipment.contributing_equipment(_contribution(model))],
-        coding_schemes=coding_scheme_items(model, _used_designators(result)),
-        series_description=SERIES_DESCRIPTION_SYNTHETIC if model.synthetic else SERIES_DESCRIPTION,
-        manufacturer_model_name=NODE_MODEL_NAME,
-        software_versions=equipment.software_version,
-        device_serial_number=equipment.device_serial_number,
+        **SR_DOCUMENT_FLAGS,
+        **output_keywords(
+            result,
+            "sr",
+            equipment,
+            contribution=f"HyperCT {model_identity(model)}",
+            used_designators=_used_designators(result),
+        ),
     )
     equipment.apply(sr)
     logger.info(
         "SR built: study %s series %s -> SOP %s (%d tasks, %d present)",
         result.study_instance_uid,
         result.series_instance_uid,
-        uids.sop_instance_uid,
+        sr.SOPInstanceUID,
         len(result.tasks),
         len(result.positive),
     )
     return sr
-
-
-def _contribution(model: ModelInfo) -> str:
-    synthetic = " (synthetic demo model)" if model.synthetic else ""
-    return f"HyperCT model {model.name} {model.version}{synthetic}, manifest SHA-256 {model.manifest_sha256}"
 
 
 _HAS_ACQ = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
@@ -418,12 +306,3 @@ def write_sr(
     """Build the SR (see :func:`build_sr`) and save it as ``<folder>/SR_<SOPInstanceUID>.dcm``."""
     sr = build_sr(result, source_datasets, **kwargs)  # type: ignore[arg-type]
     return save(sr, folder, "SR")
-
-
-def save(ds: Dataset, folder: str | Path, prefix: str) -> Path:
-    """Write ``ds`` as a DICOM Part 10 file named by its SOP Instance UID (a rerun overwrites it)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{prefix}_{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path

@@ -24,17 +24,21 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import BasicTextSRStorage
 
+from operators.concepts import CT_CHEST_REPORT
+from operators.dicom_output import (
+    SR_DOCUMENT_FLAGS,
+    device_observer_context,
+    output_keywords,
+    research_statements,
+    save,
+)
 from operators.results import StudyResult, TaskResult, source_headers
-from operators.sr_writer import device_observer_context, research_statements, save
-from operators.uids import NODE_MANUFACTURER, NODE_MODEL_NAME, SERIES_NUMBERS, Equipment, output_uids
+from operators.uids import NODE_MODEL_NAME, Equipment
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["BasicTextSR", "build_text_sr", "finding_line", "report_lines", "write_text_sr"]
 
-TITLE = codes.LN.CTChestReport
-SERIES_DESCRIPTION = "HyperCT AI findings (text) - RESEARCH USE ONLY"
-SERIES_DESCRIPTION_SYNTHETIC = "HyperCT AI findings (text) - SYNTHETIC DEMO - RESEARCH"
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
 
@@ -82,7 +86,7 @@ def report_lines(result: StudyResult, software_version: str | None = None) -> li
     """The text report as plain lines (for the text SR, logs of UIDs-only contexts, or a CLI)."""
     version = software_version or Equipment().software_version
     return [
-        f"{TITLE.meaning} - HyperCT AI findings",
+        f"{CT_CHEST_REPORT.meaning} - HyperCT AI findings",
         *_summary(result),
         "Findings:",
         *(f"  {finding_line(t)}" for t in result.tasks),
@@ -109,11 +113,7 @@ def build_text_sr(
     """The Basic Text SR for ``result`` (same study, its own deterministic series)."""
     equipment = equipment or Equipment()
     sources = source_headers(result, source_datasets)
-    model = result.model
-    uids = output_uids(
-        result.study_instance_uid, result.series_instance_uid, model.manifest_sha256, "text-sr"
-    )
-    root = hd.sr.ContainerContentItem(name=TITLE, template_id="2000")
+    root = hd.sr.ContainerContentItem(name=CT_CHEST_REPORT, template_id="2000")
     content = hd.sr.ContentSequence()
     content.extend(hd.sr.LanguageOfContentItemAndDescendants(hd.sr.templates.DEFAULT_LANGUAGE))
     content.extend(device_observer_context(equipment))
@@ -131,28 +131,15 @@ def build_text_sr(
     sr = BasicTextSR(
         evidence=sources,
         content=root,
-        series_instance_uid=uids.series_instance_uid,
-        series_number=SERIES_NUMBERS["text-sr"],
-        sop_instance_uid=uids.sop_instance_uid,
-        instance_number=1,
-        manufacturer=NODE_MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        institution_name=equipment.institution_name,
-        institutional_department_name=equipment.institutional_department_name,
-        contributing_equipment=[
-            equipment.contributing_equipment(_procedure(result, equipment.software_version))
-        ],
-        series_description=SERIES_DESCRIPTION_SYNTHETIC if model.synthetic else SERIES_DESCRIPTION,
-        manufacturer_model_name=NODE_MODEL_NAME,
-        software_versions=equipment.software_version,
-        device_serial_number=equipment.device_serial_number,
+        **SR_DOCUMENT_FLAGS,
+        **output_keywords(
+            result, "text-sr", equipment, contribution=_procedure(result, equipment.software_version)
+        ),
     )
     equipment.apply(sr)
     logger.info(
         "text SR built: study %s series %s -> SOP %s", result.study_instance_uid, result.series_instance_uid,
-        uids.sop_instance_uid,
+        sr.SOPInstanceUID,
     )  # fmt: skip
     return sr
 

@@ -26,8 +26,12 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    from highdicom import ContributingEquipment
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ class Equipment:
         if self.station_name:
             ds.StationName = self.station_name
 
-    def contributing_equipment(self, description: str) -> Dataset:
+    def contributing_equipment(self, description: str) -> ContributingEquipment:
         """A Contributing Equipment Sequence item (purpose: Processing Equipment) naming the node and the
         model: IHE AIR's "processing algorithm" equipment. (No Device UID here: dicom3tools' dciodvfy
         does not know it in this macro and flags the object as Standard Extended.)"""

@@ -12,19 +12,19 @@ import numpy as np
 import pydicom
 import pytest
 
+from operators.concepts import SALIENCY, SPATIAL_AND_RELATIONAL_CONCEPT
+from operators.dicom_output import save
 from operators.results import StudyResult
 from operators.seg_writer import (
     DEFAULT_MAX_BYTES,
     FRAME_OVERHEAD_BYTES,
-    SEGMENT_CATEGORY,
-    SEGMENT_TYPE,
     attention_mask,
     build_seg,
     estimated_bytes,
     plan_segments,
     write_seg,
 )
-from operators.sr_writer import build_sr, save
+from operators.sr_writer import build_sr
 from operators.uids import is_own_output
 from tests.dicom_fixtures import (
     PATIENT_ID,
@@ -92,8 +92,8 @@ def test_segments_only_for_positive_image_findings(seg_path: Path, result: Study
     assert labels == ["Attention: Cardiomegaly", "Attention: Pleural effusion"]  # task order; no echo task
     for s, key in zip(seg.SegmentSequence, ["cardiomegaly", "pleural_effusion"], strict=True):
         task = result.task(key)
-        assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == SEGMENT_CATEGORY.value
-        assert s.SegmentedPropertyTypeCodeSequence[0].CodeValue == SEGMENT_TYPE.value
+        assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == SPATIAL_AND_RELATIONAL_CONCEPT.value
+        assert s.SegmentedPropertyTypeCodeSequence[0].CodeValue == SALIENCY.value
         assert s.AnatomicRegionSequence[0].CodeValue == task.finding_site.value
         assert task.concept.value in s.SegmentDescription and "NOT a lesion outline" in s.SegmentDescription
         assert s.SegmentAlgorithmType == "AUTOMATIC"
@@ -126,7 +126,7 @@ def test_sr_references_the_segments(series: CTSeries, result: StudyResult, tmp_p
         assert ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber == segment.SegmentNumber
         assert str(region.tracking_uid) == segment.TrackingUID
         assert findings[segment.TrackingUID] == str(region.tracking_identifier) == segment.TrackingID
-        assert region.finding_type.value == SEGMENT_TYPE.value
+        assert region.finding_type == SALIENCY
     evidence = {
         i.ReferencedSOPInstanceUID
         for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence

@@ -17,17 +17,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from operators.concepts import ABSENT, PRESENT, PROBABILITY, THRESHOLD
+from operators.dicom_output import RESEARCH_USE_STATEMENT, SYNTHETIC_STATEMENT
 from operators.results import ModelInfo, StudyResult, TaskResult, decisions, probabilities
-from operators.sr_writer import (
-    ABSENT,
-    PRESENT,
-    PROBABILITY,
-    RESEARCH_USE_STATEMENT,
-    SYNTHETIC_STATEMENT,
-    THRESHOLD,
-    build_sr,
-    write_sr,
-)
+from operators.sr_writer import build_sr, write_sr
 from operators.text_report import build_text_sr, finding_line, write_text_sr
 from operators.uids import (
     NODE_DEVICE_UID,
