@@ -17,13 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from operators.dicom_output import save
 from operators.model_runner import HyperCTRunner
 from operators.preprocessing import PreprocessingConfig, model_map_to_source, preprocess
 from operators.results import ModelInfo, StudyResult, TaskResult
 from operators.seg_writer import build_seg
 from operators.series_selection import SelectionRules, select_series, summarize_series
 from operators.settings import WriterOptions
-from operators.sr_writer import build_sr, save
+from operators.sr_writer import build_sr
 from operators.study_case import Outcome, StudyCase
 from operators.text_report import build_text_sr
 from operators.volume import VolumeChecks, VolumeError, check_volume, load_dicom_series
