@@ -49,7 +49,9 @@ __all__ = [
     "PreprocessingConfig",
     "PreprocessingConfigError",
     "batch_pad",
+    "denormalize_images",
     "model_map_to_source",
+    "normalize_images",
     "preprocess",
     "triplet_indices",
 ]
@@ -462,14 +464,34 @@ def _lps(view: CanonicalView, xyz: Sequence[float] | np.ndarray) -> list[float]:
     return [float(v) for v in p[:3]]
 
 
-def preprocess(
-    volume: Volume, config: PreprocessingConfig, rng: np.random.Generator | None = None
-) -> ModelInput:
+def _channel_stats(config: PreprocessingConfig) -> tuple[np.ndarray, np.ndarray]:
+    mean = np.asarray(config.normalize_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(config.normalize_std, dtype=np.float32)[:, None, None]
+    return mean, std
+
+
+def normalize_images(images: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
+    """ImageNet normalisation, in place: float32 ``[..., 3, H, W]`` in [0, 1] -> model input; returns it.
+
+    Per channel ``(x - normalize_mean) / normalize_std``. The one place serving and training normalise
+    (the exported graph does not normalise again).
+    """
+    mean, std = _channel_stats(config)
+    images -= mean
+    images /= std
+    return images
+
+
+def denormalize_images(images: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
+    """The inverse of :func:`normalize_images`: model input -> [0, 1] intensities (a new float32 array)."""
+    mean, std = _channel_stats(config)
+    return (images * std + mean).astype(np.float32, copy=False)
+
+
+def preprocess(volume: Volume, config: PreprocessingConfig) -> ModelInput:
     """The single entry point: CT volume -> :class:`ModelInput`.
 
-    ``rng`` given = training: the in-plane window is shifted by up to ``train_jitter_mm`` on each axis
-    and flipped along ``train_flip_axis`` with ``train_flip_p``, both in grid space, so the returned
-    transform stays exact. ``rng=None`` (serving) never augments.
+    No augmentation here: training crops and flips a wider window of this output (``training/cache.py``).
     """
     view = canonical_view(volume, config.max_obliquity_deg)
     centre, info = _window_centre(view, config)
@@ -479,19 +501,6 @@ def preprocess(
     sizes = np.array([w, h, config.n_slices])  # x, y, z
     step = np.asarray(config.spacing_mm) / view.spacing  # target step in canonical index units
     direction = np.array([1.0, 1.0, 1.0 if config.slice_order == "inferior_to_superior" else -1.0])
-    if rng is not None:
-        shift_mm = rng.uniform(-config.train_jitter_mm, config.train_jitter_mm, size=2)
-        centre[:2] += shift_mm / view.spacing[:2]
-        flip = bool(rng.random() < config.train_flip_p)
-        if flip:
-            direction["xy".index(config.train_flip_axis)] *= -1
-        info["augmentation"] = {
-            "shift_mm": shift_mm.tolist(),
-            "flip": flip,
-            "flip_axis": config.train_flip_axis,
-        }
-    else:
-        info["augmentation"] = None
 
     # Grid index u -> canonical index q = centre + d * (u - (size - 1) / 2) * step, per axis.
     to_canon = np.eye(4)
@@ -512,10 +521,7 @@ def preprocess(
     images -= lo
     images *= np.float32(1.0 / (hi - lo))
     np.clip(images, 0.0, 1.0, out=images)
-    mean = np.asarray(config.normalize_mean, dtype=np.float32)[None, :, None, None]
-    std = np.asarray(config.normalize_std, dtype=np.float32)[None, :, None, None]
-    images -= mean
-    images /= std
+    normalize_images(images, config)
 
     transform = PatientTransform(
         grid_affine=view.affine @ to_canon,

@@ -26,22 +26,20 @@ the tests compare the graph against, and the pointing game.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import DINOv3ViTModel
 
+from operators.preprocessing import PreprocessingConfig, normalize_images
 from training.hypernet import Factors
 from training.lora import LoRAContext, inject_lora, strip_lora
 from training.model import ClassifierHead, HyperCT, masked_mean
-
-if TYPE_CHECKING:
-    from operators.ort_session import SessionOptions
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +298,6 @@ def pointing_game(
     cases: Sequence[PointingCase],
     *,
     tasks: Sequence[str] | None = None,
-    session_options: SessionOptions | None = None,
 ) -> dict[str, PointingResult]:
     """Pointing game of an exported model on positive cases: one :class:`PointingResult` per task.
 
@@ -308,7 +305,7 @@ def pointing_game(
     """
     from operators.model_runner import HyperCTRunner
 
-    runner = HyperCTRunner(Path(model_dir), session_options=session_options)
+    runner = HyperCTRunner(Path(model_dir))
     keys = list(tasks) if tasks is not None else [t.key for t in runner.manifest.tasks]
     results = {k: PointingResult(task=k, hits=0, evaluable=0, cases=len(cases)) for k in keys}
     for case in cases:
@@ -332,17 +329,15 @@ def blob_cases(
     size: int = 144,
     radius: float = 10.0,
     seed: int = 0,
-    normalize: Mapping[str, Sequence[float]] | None = None,
 ) -> list[PointingCase]:
     """Simple phantoms: noisy soft-tissue discs with one bright focal blob in one image.
 
     A stand-in for ``synth`` volumes when only the pointing-game mechanics matter. Images are in
-    [0, 1] (HU window) and then ImageNet-normalised like the real preprocessing.
+    [0, 1] (HU window) and then ImageNet-normalised like the real preprocessing (its default config).
     """
+    config = PreprocessingConfig()
+    lo, hi = config.hu_window
     rng = np.random.default_rng(seed)
-    norm = normalize or {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-    mean = np.asarray(norm["mean"], dtype=np.float32)[None, :, None, None]
-    std = np.asarray(norm["std"], dtype=np.float32)[None, :, None, None]
     yy, xx = np.mgrid[:size, :size]
     body = ((yy - size / 2) / (0.42 * size)) ** 2 + ((xx - size / 2) / (0.46 * size)) ** 2 <= 1
     out = []
@@ -356,7 +351,7 @@ def blob_cases(
         blob = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
         hu[i, :, blob] = 900.0
         target[i] = blob
-        unit = np.clip((hu + 1000.0) / 2000.0, 0.0, 1.0)
-        images = ((unit - mean) / std).astype(np.float32)
+        unit = np.clip((hu - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        images = normalize_images(unit, config)
         out.append(PointingCase(images, np.ones(n_images, dtype=bool), target, name=f"blob_{k}"))
     return out

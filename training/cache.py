@@ -11,9 +11,9 @@ float64 cubes). Normalising on read costs one multiply-add.
 
 **Augmentation without re-resampling.** For training, the window is preprocessed ``margin`` pixels
 wider on each side (default ``ceil(train_jitter_mm / spacing)`` = 10 px, i.e. 164² like the
-reference's crop source), *without* augmentation. A training sample is then a random 144² crop (shift
-up to ± margin px on each axis) and a flip with ``train_flip_p`` — the same distribution as
-``preprocess(..., rng=...)`` up to rounding the shift to whole pixels, at the cost of a slice copy. The
+reference's crop source) by ``preprocess``, which never augments. A training sample is then a random 144² crop (shift
+up to ± margin px on each axis, i.e. ±``train_jitter_mm`` up to rounding to whole pixels) and a flip
+along ``train_flip_axis`` with ``train_flip_p``, at the cost of a slice copy instead of a resample. The
 cropped window is exactly the serving window shifted (the grid is symmetric about its centre), so a
 zero shift gives the serving input bit for bit except that the empty-slice rule saw the wider window.
 Validation/test entries are stored without margin: they are the serving input.
@@ -38,7 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from operators.preprocessing import ModelInput, PreprocessingConfig, preprocess
+from operators.preprocessing import (
+    ModelInput,
+    PreprocessingConfig,
+    denormalize_images,
+    normalize_images,
+    preprocess,
+)
 from operators.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -95,12 +101,8 @@ class CachedInput:
         if flip:
             crop = crop[:, :, :, ::-1] if config.train_flip_axis == "x" else crop[:, :, ::-1, :]
         images = crop.astype(np.float32)
-        mean = np.asarray(config.normalize_mean, dtype=np.float32)[None, :, None, None]
-        std = np.asarray(config.normalize_std, dtype=np.float32)[None, :, None, None]
         images *= np.float32(1.0 / _SCALE)
-        images -= mean
-        images /= std
-        return np.ascontiguousarray(images)
+        return np.ascontiguousarray(normalize_images(images, config))
 
 
 @dataclass
@@ -114,9 +116,7 @@ class CacheStats:
 
 def encode(model_input: ModelInput, config: PreprocessingConfig, margin: tuple[int, int]) -> CachedInput:
     """Undo the ImageNet normalisation of a ``preprocess`` result and quantise to uint16."""
-    mean = np.asarray(config.normalize_mean, dtype=np.float32)[None, :, None, None]
-    std = np.asarray(config.normalize_std, dtype=np.float32)[None, :, None, None]
-    scaled = model_input.images * std + mean
+    scaled = denormalize_images(model_input.images, config)
     q = np.clip(np.rint(scaled * _SCALE), 0, _SCALE).astype(np.uint16)
     info = {k: v for k, v in model_input.info.items() if _jsonable(v)}
     return CachedInput(scaled=q, margin=margin, info=info)
@@ -138,7 +138,7 @@ def preprocess_with_margin(
     wide = dataclasses.replace(
         config, image_size=(config.image_size[0] + 2 * my, config.image_size[1] + 2 * mx)
     )
-    return encode(preprocess(volume, wide, rng=None), config, margin)
+    return encode(preprocess(volume, wide), config, margin)
 
 
 class InputCache:

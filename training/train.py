@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -731,35 +731,3 @@ def train(
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return result
-
-
-def iter_batches(dataset: ScanDataset, batch_size: int) -> Iterator[Any]:
-    """Sequential padded batches (used by the baselines)."""
-    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-
-
-# --------------------------------------------------------------------------------------------------
-# The demo model
-
-
-DEMO_RECIPE = "demo"
-
-
-def train_demo_model(
-    out_dir: str | Path,
-    seed: int = 0,
-    *,
-    overrides: Sequence[str] = (),
-    cache: InputCache | None = None,
-) -> Path:
-    """Train the demo model (``training/recipes/demo.yaml``) into ``out_dir``; returns ``best.pt``.
-
-    Reproducible: the same ``seed`` (model init, batch order, task draws, augmentation) and machine
-    give the same checkpoint. The synthetic data is fixed by the recipe (``data.synthetic.seed``), so
-    ``seed`` changes the training run, not the studies. Used by the demo and the export step.
-    """
-    from training.config import load_config
-
-    cfg = load_config(DEMO_RECIPE, [f"seed={seed}", *overrides])
-    result = train(cfg, out_dir, cache=cache)
-    return result.best_checkpoint

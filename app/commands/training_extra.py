@@ -50,10 +50,8 @@ def needs_training_extra(command: str) -> Callable[[Callable[P, R]], Callable[P,
                 missing = missing_training_module(exc)
                 if missing is None:
                     raise
-                typer.echo(
-                    f"error: '{command}' needs the training extra (no module named '{missing}'): {INSTALL_HINT}",
-                    err=True,
-                )
+                why = f"needs the training extra (no module named '{missing}')"
+                typer.echo(f"error: '{command}' {why}: {INSTALL_HINT}", err=True)
                 raise typer.Exit(code=2) from None
 
         return run
