@@ -43,7 +43,7 @@ class Stage:
 def _select(p: Pipeline, case: StudyCase) -> None:
     from operators.stages import select_case_series
 
-    select_case_series(case, p.config.selection)
+    select_case_series(case, p.config.series_selection)
 
 
 def _volume(p: Pipeline, case: StudyCase) -> None:

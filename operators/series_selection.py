@@ -14,14 +14,17 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import pydicom
+from pydantic import Field, field_validator
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from operators.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -40,74 +43,40 @@ ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 
-class SelectionRulesError(ValueError):
-    """The selection rules are malformed; the message names the key."""
-
-
-@dataclass(frozen=True)
-class SelectionRules:
+class SelectionRules(Settings):
     """What makes a series eligible for HyperCT; defaults suit non-contrast chest CT.
 
     ``body_parts`` lists accepted BodyPartExamined values (case-insensitive); an absent or empty
     value is accepted when ``allow_unspecified_body_part`` is true (many scanners leave it empty).
     ``contrast``: "forbid" refuses a series with ContrastBolusAgent set (or a description saying
-    contrast), "ignore" does not look.
+    contrast), "ignore" does not look. Built from ``app.yaml`` (section ``series-selection``) or a
+    training recipe with :meth:`from_dict`: hyphenated or underscored keys, unknown keys refused.
     """
+
+    section: ClassVar[str] = "series-selection"
 
     modalities: tuple[str, ...] = ("CT",)
     sop_classes: tuple[str, ...] = (CT_IMAGE_STORAGE,)
     image_type_required: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
     image_type_forbidden: tuple[str, ...] = ("LOCALIZER", "DERIVED", "SECONDARY", "MIP", "MPR")
     slice_thickness_mm: tuple[float, float] = (0.5, 3.0)
-    min_slices: int = 50
-    contrast: str = "forbid"
+    min_slices: int = Field(50, ge=1)
+    contrast: Literal["forbid", "ignore"] = "forbid"
     contrast_description_words: tuple[str, ...] = ("contrast", "c+", "arterial", "venous", "cta")
     body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "CHEST_ABDOMEN", "CHESTABDOMEN", "TORSO")
     allow_unspecified_body_part: bool = True
     max_axial_deviation_deg: float = 10.0
 
-    def __post_init__(self) -> None:
-        lo, hi = self.slice_thickness_mm
-        if not 0 <= lo <= hi:
-            raise SelectionRulesError(f"slice-thickness-mm: need 0 <= low <= high, got {self.slice_thickness_mm}")
-        if self.min_slices < 1:
-            raise SelectionRulesError(f"min-slices: must be >= 1, got {self.min_slices}")
-        if self.contrast not in ("forbid", "ignore"):
-            raise SelectionRulesError(f"contrast: must be 'forbid' or 'ignore', got {self.contrast!r}")
-
+    @field_validator("slice_thickness_mm")
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SelectionRules:
-        """Build from a mapping with hyphenated or underscored keys; unknown keys are refused."""
-        if not data:
-            return cls()
-        names = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for raw_key, value in data.items():
-            key = str(raw_key).replace("-", "_")
-            if key not in names:
-                raise SelectionRulesError(
-                    f"series-selection: unknown rule {raw_key!r} (known: {', '.join(sorted(n.replace('_', '-') for n in names))})"
-                )
-            default = getattr(cls(), key)
-            if isinstance(default, tuple):
-                if isinstance(value, str) or not isinstance(value, Sequence):
-                    raise SelectionRulesError(f"series-selection: {raw_key} must be a list")
-                value = tuple(float(v) if isinstance(default[0], float) else str(v) for v in value)
-            elif isinstance(default, bool) and not isinstance(value, bool):
-                raise SelectionRulesError(f"series-selection: {raw_key} must be true or false")
-            elif not isinstance(default, bool) and isinstance(default, int | float) and (
-                isinstance(value, bool) or not isinstance(value, int | float)
-            ):
-                raise SelectionRulesError(f"series-selection: {raw_key} must be a number")
-            kwargs[key] = value
-        return cls(**kwargs)
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError(f"need 0 <= low <= high, got {list(value)}")
+        return value
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): _plain(getattr(self, f.name)) for f in fields(self)}
-
-
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+    def to_dict(self, *, hyphenated: bool = True) -> dict[str, Any]:
+        """As ``app.yaml`` writes it (hyphenated keys), for results.json."""
+        return super().to_dict(hyphenated=hyphenated)
 
 
 @dataclass

@@ -20,12 +20,14 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+
+from operators.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -554,26 +556,14 @@ def load_nifti(
     return Volume(hu=hu, affine=affine)
 
 
-@dataclass(frozen=True)
-class VolumeChecks:
+class VolumeChecks(Settings):
     """Sanity checks on a loaded CT volume (``app.yaml`` section ``volume-checks``)."""
+
+    section: ClassVar[str] = "volume-checks"
 
     min_z_extent_mm: float = 120.0
     lung_hu_range: tuple[float, float] = (-950.0, -600.0)
     min_lung_fraction: float = 0.01
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> VolumeChecks:
-        if not data:
-            return cls()
-        names = {f.name for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name not in names:
-                raise ValueError(f"volume-checks: unknown key {key!r} (known: {sorted(names)})")
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-        return cls(**kwargs)
 
 
 def check_volume(volume: Volume, checks: VolumeChecks) -> str | None:

@@ -22,7 +22,7 @@ def test_app_yaml_has_what_the_packager_reads() -> None:
 
 def test_app_yaml_sections_equal_the_documented_defaults() -> None:
     cfg = AppConfig.load(REPO_APP_YAML)
-    assert cfg.selection == SelectionRules()
+    assert cfg.series_selection == SelectionRules()
     assert cfg.volume_checks == VolumeChecks()
     assert cfg.outputs.segmentation_type == "BINARY" and cfg.outputs.text_report
 
@@ -30,11 +30,12 @@ def test_app_yaml_sections_equal_the_documented_defaults() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("serie-selection: {}\n", "unknown section"),
-        ("series-selection:\n  min-slice: 10\n", "unknown rule 'min-slice'"),
+        ("serie-selection: {}\n", "unknown key 'serie-selection'"),
+        ("series-selection:\n  min-slice: 10\n", "series-selection: unknown key 'min-slice'"),
         ("outputs:\n  segmentation-type: LABELMAP\n", "BINARY or FRACTIONAL"),
-        ("inference:\n  gpu: true\n", "unknown key"),
-        ("volume-checks:\n  lungs: 1\n", "unknown key"),
+        ("inference:\n  gpu: true\n", "inference: unknown key 'gpu'"),
+        ("volume-checks:\n  lungs: 1\n", "volume-checks: unknown key 'lungs'"),
+        ("inference:\n  device: tpu\n", "inference.device: must be auto, cpu or cuda, got 'tpu'"),
     ],
 )
 def test_typos_are_refused_by_name(tmp_path: Path, text: str, message: str) -> None:

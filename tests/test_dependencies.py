@@ -126,6 +126,7 @@ TRAINING_MAY_IMPORT = {
     "operators.geometry": "the orientation and resampling preprocessing is built on",
     "operators.series_selection": "DICOM training data uses the series serving would pick",
     "operators.model_runner": "demo calibration and the pointing game run the exported model as served",
+    "operators.settings": "the one typed configuration layer (recipes, app.yaml and node files alike)",
 }
 #: What those modules import in turn: training loads these, never imports them itself.
 REACHED_THROUGH_IT = {

@@ -12,11 +12,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from operators.series_selection import (
     CT_IMAGE_STORAGE,
     SelectionRules,
-    SelectionRulesError,
     SeriesSummary,
     scan_folder,
     select_series,
 )
+from operators.settings import SettingsError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -110,13 +110,13 @@ def test_rules_are_data_and_validated() -> None:
     thick_contrast = _series("1.2.3.2", slice_thickness_mm=5.0, contrast_agent="X", n=20)
     assert select_series([thick_contrast], rules).selected is thick_contrast
     for bad, msg in [
-        ({"nope": 1}, "unknown rule 'nope'"),
-        ({"min-slices": "many"}, "min-slices must be a number"),
-        ({"modalities": "CT"}, "modalities must be a list"),
-        ({"contrast": "maybe"}, "contrast: must be"),
-        ({"slice-thickness-mm": [3, 1]}, "slice-thickness-mm"),
+        ({"nope": 1}, "series-selection: unknown key 'nope'"),
+        ({"min-slices": "many"}, "min-slices: expected an integer, got 'many'"),
+        ({"modalities": "CT"}, "modalities: expected a list"),
+        ({"contrast": "maybe"}, "contrast: must be forbid or ignore"),
+        ({"slice-thickness-mm": [3, 1]}, "slice-thickness-mm: need 0 <= low <= high"),
     ]:
-        with pytest.raises(SelectionRulesError, match=msg):
+        with pytest.raises(SettingsError, match=msg):
             SelectionRules.from_dict(bad)
 
 
