@@ -156,7 +156,7 @@ class Pipeline:
 
         output_folder = Path(output_folder)
         output_folder.mkdir(parents=True, exist_ok=True)
-        cases = load_cases(Path(input_folder), output_folder)
+        cases, _ = load_cases(Path(input_folder), output_folder)
         for case in cases:
             self.run_stages(case)
         summaries = [case.summary() for case in cases]

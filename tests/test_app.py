@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from app.app import EXIT_NOT_PROCESSED, exit_code, run_graph
-from app.pipeline import Pipeline
+from app.pipeline import STAGES, Pipeline
 from operators.model_runner import HyperCTRunner
 from synth import PatientPosition
 from tests.app_fixtures import small_study
@@ -183,6 +183,27 @@ def test_corrupt_file_inside_a_good_study_does_not_stop_it(
     (next(study.glob("*/02_axial")) / "zz-broken.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"garbage")
     summaries = run_graph(study, tmp_path / "out", Pipeline(model_dir, runner=runner))
     assert summaries[0]["outcome"] == "processed"
+
+
+def test_in_process_pipeline_matches_the_graph(
+    tmp_path: Path, runner: HyperCTRunner, model_dir: Path, processed: tuple[Path, Path]
+) -> None:
+    """``Pipeline.run_folder`` (node, batch) and the MONAI Deploy graph (run, MAP) are one pipeline:
+    the same stages, outcome records, files and findings for the same study."""
+    study, graph_out = processed
+    out = tmp_path / "in-process"
+    summaries = Pipeline(model_dir, runner=runner).run_folder(study, out)
+    graph = json.loads((graph_out / "outcome.json").read_text())["studies"]
+    assert json.loads((out / "outcome.json").read_text())["studies"] == summaries
+    assert [s["outcome"] for s in summaries] == ["processed"]
+    (mine,), (theirs,) = summaries, graph
+    assert list(mine["timings_s"]) == list(theirs["timings_s"]) == [stage.name for stage in STAGES]
+    for key in ("study_instance_uid", "outcome", "reason", "selection", "files", "warnings"):
+        assert mine[key] == theirs[key], key
+    a, b = _results(out), _results(graph_out)
+    assert [(t["key"], t["probability"], t["decision"]) for t in a["tasks"]] == [
+        (t["key"], t["probability"], t["decision"]) for t in b["tasks"]
+    ]
 
 
 def _seg_patient_points(seg_path: Path) -> set[tuple[float, float, float]]:
