@@ -104,8 +104,8 @@ def infer_case(case: StudyCase, runner: HyperCTRunner, model: ModelInfo) -> None
     case.result = StudyResult(
         study_instance_uid=case.study_instance_uid,
         series_instance_uid=str(volume.series_instance_uid),
-        sop_instance_uids=list(volume.sop_instance_uids or []),
-        tasks=tasks,
+        sop_instance_uids=tuple(volume.sop_instance_uids or ()),
+        tasks=tuple(tasks),
         model=model,
         frame_of_reference_uid=volume.frame_of_reference_uid,
         selection=case.selection.to_dict() if case.selection is not None else {},
