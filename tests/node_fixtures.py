@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,8 +21,9 @@ from typing import Any
 import yaml
 
 from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
+from app.node.inbox import Inbox
 from app.node.spool import DurableFs, Spool
-from app.node.state import State
+from app.node.store import NodeStore
 from tests.peers import LOOPBACK, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,15 +117,14 @@ class NodeProcess:
             self.proc.wait(timeout=10)
             raise
 
-    def state(self) -> State:
-        return State(self.data_dir / "state.sqlite")
-
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-        st = self.state()
+        """Read the node's database from outside, as ``hyperct status`` does (WAL: never blocks it)."""
+        conn = sqlite3.connect(self.data_dir / "state.sqlite", timeout=30)
+        conn.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in st.query(sql, params)]
+            return [dict(r) for r in conn.execute(sql, params)]
         finally:
-            st.close()
+            conn.close()
 
     def study_states(self) -> dict[str, str]:
         return {r["study_uid"]: r["state"] for r in self.query("SELECT study_uid, state FROM studies")}
@@ -138,20 +139,19 @@ class NodeProcess:
 @contextlib.contextmanager
 def receiver(folder: Path, *, fs: DurableFs | None = None, allowed: tuple[str, ...] = (SCU_AE,),
              store_handler: Callable[..., int] | None = None,
-             late_policy: str = "reprocess") -> Iterator[tuple[DicomReceiver, Spool, State]]:  # fmt: skip
-    """An in-process receiver (no worker) on a free loopback port."""
+             late_policy: str = "reprocess") -> Iterator[tuple[DicomReceiver, Spool, NodeStore]]:  # fmt: skip
+    """An in-process receiver (no worker) on a free loopback port, storing into the node's inbox."""
     spool = Spool(folder / "spool", fs=fs)
-    state = State(folder / "state.sqlite")
+    store = NodeStore(folder / "state.sqlite")
     rx = DicomReceiver(
-        ReceiverOptions(ae_title="HYPERCT", bind=LOOPBACK, port=free_port(), allowed_callers=parse_callers(allowed),
-                        late_policy=late_policy),
-        spool, state, store_handler=store_handler,
+        ReceiverOptions(ae_title="HYPERCT", bind=LOOPBACK, port=free_port(), allowed_callers=parse_callers(allowed)),
+        Inbox(spool, store, late_policy=late_policy), store_handler=store_handler,
     )  # fmt: skip
     if store_handler is not None and hasattr(store_handler, "counters"):
         rx.counters = store_handler.counters
     rx.start()
     try:
-        yield rx, spool, state
+        yield rx, spool, store
     finally:
         rx.stop()
-        state.close()
+        store.close()

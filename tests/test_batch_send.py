@@ -14,7 +14,7 @@ from app.batch.runner import BatchConfig, run_batch
 from app.batch.send import SendConfig
 from app.cli import cli
 from app.dimse.sender import RetryPolicy
-from app.node.state import State
+from app.node.store import InstanceRecord, NodeStore, OutboxStore
 from operators.model_runner import HyperCTRunner
 from tests.batch_fixtures import read_csv, study_dir, study_uid
 from tests.dicom_fixtures import dciodvfy
@@ -90,17 +90,19 @@ def test_each_study_results_arrive_once_and_valid(
     }
     assert all(r["path"] == f"{expected[r['sop_instance_uid']][0]}/{Path(r['path']).name}" for r in sends)
     assert not [e for e in read_csv(out / "errors.csv") if e["kind"] == "send"]
-    # The node's own views read the batch outbox.
-    state = State(out / "_batch" / "state.sqlite")
+    # The batch keeps the outbox alone (no node tables); its study view and `hyperct status` read it.
+    assert not (out / "_batch" / "state.sqlite").exists()
+    store = OutboxStore.open(out / "_batch" / "outbox.sqlite")
     try:
-        counts = state.counts()
-        assert counts["studies"] == {"done": 2} and counts["outbox"] == {"sent": 6}
-        assert counts["jobs"] == {"done": 2}
+        assert store.counts() == {"sent": 6}
+        assert store.study_states() == {uid: "done" for uid in uids}
+        tables = {r[0] for r in store.db.query("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables - {"sqlite_sequence"} == {"outbox"}
     finally:
-        state.close()
+        store.close()
     shown = CliRunner().invoke(cli, ["status", "--data-dir", str(out / "_batch")])
     assert shown.exit_code == 0, shown.output
-    assert "outbox: sent 6" in shown.output
+    assert "outbox: sent 6" in shown.output and "studies: done 2" in shown.output
 
 
 def test_destination_down_then_up_rerun_delivers_without_duplicates(
@@ -162,48 +164,74 @@ def test_rejected_sends_are_listed_and_never_stop_the_batch(
 
 
 def test_enqueue_results_keeps_delivered_rows_and_requeues_the_rest(tmp_path: Path) -> None:
-    state = State(tmp_path / "state.sqlite", clock=lambda: 100.0)
+    state = OutboxStore.open(tmp_path / "outbox.sqlite", clock=lambda: 100.0)
     try:
         outputs = [("1.2.3.1", "S/SR_1.dcm"), ("1.2.3.2", "S/SEG_2.dcm")]
-        job = state.enqueue_results("1.2.3", outputs, ["A@h:1", "B@h:2"], output_dir="S")
-        assert state.job_details(job)["state"] == "done" and state.studies()[0]["state"] == "sending"
-        due = state.due_outbox()
+        assert state.enqueue("1.2.3", outputs, ["A@h:1", "B@h:2"]) == 4
+        assert state.study_states() == {"1.2.3": "sending"}
+        due = state.due()
         assert {(i.destination, i.sop_uid) for i in due} == {
             (d, s) for d in ("A@h:1", "B@h:2") for s in ("1.2.3.1", "1.2.3.2")
         }
         for item in due:
             if item.destination == "A@h:1":
-                state.outbox_result(item, True, "ok", next_attempt_at=None)
+                state.result(item, True, "ok", next_attempt_at=None)
             else:
-                state.outbox_result(item, False, "rejected", next_attempt_at=None)
-        assert state.outbox_counts() == {"sent": 2, "failed": 2}
-        assert state.studies()[0]["state"] == "failed"
+                state.result(item, False, "rejected", next_attempt_at=None)
+        assert state.counts() == {"sent": 2, "failed": 2}
+        assert state.study_states() == {"1.2.3": "failed"}
         # Queued again (a study redone after a kill): delivered rows stay sent, failed ones re-queued.
-        state.enqueue_results("1.2.3", outputs, ["A@h:1", "B@h:2"], output_dir="S")
-        assert state.outbox_counts() == {"sent": 2, "pending": 2}
-        assert {i.destination for i in state.due_outbox()} == {"B@h:2"}
-        assert state.studies()[0]["state"] == "sending"
+        state.enqueue("1.2.3", outputs, ["A@h:1", "B@h:2"])
+        assert state.counts() == {"sent": 2, "pending": 2}
+        assert {i.destination for i in state.due()} == {"B@h:2"}
+        assert state.study_states() == {"1.2.3": "sending"}
         # resend (--force): everything goes again, still one row per destination and object.
-        state.enqueue_results("1.2.3", outputs, ["A@h:1", "B@h:2"], output_dir="S", resend=True)
-        assert state.outbox_counts() == {"pending": 4}
-        assert len(state.jobs()) == 3
+        state.enqueue("1.2.3", outputs, ["A@h:1", "B@h:2"], resend=True)
+        assert state.counts() == {"pending": 4}
+        assert len(state.rows()) == 4
     finally:
         state.close()
 
 
 def test_requeue_outbox_makes_pending_due_and_retries_failed(tmp_path: Path) -> None:
     now = [100.0]
-    state = State(tmp_path / "state.sqlite", clock=lambda: now[0])
+    state = OutboxStore.open(tmp_path / "outbox.sqlite", clock=lambda: now[0])
     try:
-        state.enqueue_results("9.9", [("9.9.1", "x.dcm"), ("9.9.2", "y.dcm")], ["A@h:1"])
-        first, second = state.due_outbox()
-        state.outbox_result(first, False, "refused", next_attempt_at=1000.0)
-        state.outbox_result(second, False, "rejected", next_attempt_at=None)
-        assert state.due_outbox() == [] and state.next_outbox_due() == 1000.0
+        state.enqueue("9.9", [("9.9.1", "x.dcm"), ("9.9.2", "y.dcm")], ["A@h:1"])
+        first, second = state.due()
+        state.result(first, False, "refused", next_attempt_at=1000.0)
+        state.result(second, False, "rejected", next_attempt_at=None)
+        assert state.due() == [] and state.next_due() == 1000.0
         now[0] = 200.0
-        assert state.requeue_outbox() == 2
-        assert [i.sop_uid for i in state.due_outbox()] == ["9.9.1", "9.9.2"]
-        assert [i.attempts for i in state.due_outbox()] == [1, 0]  # failed rows get fresh attempts
-        assert state.studies()[0]["state"] == "sending"
+        assert state.requeue() == 2
+        assert [i.sop_uid for i in state.due()] == ["9.9.1", "9.9.2"]
+        assert [i.attempts for i in state.due()] == [1, 0]  # failed rows get fresh attempts
+        assert state.study_states() == {"9.9": "sending"}
     finally:
         state.close()
+
+
+def test_outbox_of_an_earlier_batch_run_is_moved_into_the_outbox_file(tmp_path: Path) -> None:
+    """Runs before the split kept their outbox in a node-schema ``state.sqlite``: its rows (sent and
+    pending) move into ``outbox.sqlite`` once, and the old file is never read again."""
+    legacy = NodeStore(tmp_path / "state.sqlite")
+    legacy.studies.record(InstanceRecord("1.2.3", "1.2.3.4", "1.2", "1.2.840.10008.5.1.4.1.1.2", "CT",
+                                         "1.2.840.10008.1.2.1", "P", "", True, False, "1.2.3/1.2.3.4.dcm", 1,
+                                         "x", "A"))  # fmt: skip
+    legacy.studies.complete_quiet(0.0, now=1e12)
+    job = legacy.jobs.claim()
+    assert job is not None
+    legacy.jobs.finish(job, "processed", "", "1.2.3", [("1.2.3.9", "1.2.3/SR.dcm")], ["A@h:1", "B@h:2"])
+    sent = next(i for i in legacy.outbox.due(now=1e12) if i.destination == "A@h:1")
+    legacy.outbox.result(sent, True, "ok", next_attempt_at=None)
+    legacy.close()
+    store = OutboxStore.open(tmp_path / "outbox.sqlite", legacy=tmp_path / "state.sqlite")
+    try:
+        rows = {r["destination"]: (r["sop_uid"], r["path"], r["state"], r["attempts"]) for r in store.rows()}
+        assert rows == {"A@h:1": ("1.2.3.9", "1.2.3/SR.dcm", "sent", 1), "B@h:2": ("1.2.3.9", "1.2.3/SR.dcm", "pending", 0)}
+        assert not (tmp_path / "state.sqlite").exists() and (tmp_path / "state.sqlite.migrated").exists()
+    finally:
+        store.close()
+    again = OutboxStore.open(tmp_path / "outbox.sqlite", legacy=tmp_path / "state.sqlite")
+    assert len(again.rows()) == 2  # moved once
+    again.close()

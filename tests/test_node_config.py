@@ -16,10 +16,11 @@ from app.dimse.network import RemoteNode, TlsConfig
 from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
 from app.dimse.sender import RetryPolicy, send_files
 from app.node.config import NodeConfig
+from app.node.inbox import Inbox
 from app.node.outbox import Outbox
 from app.node.service import NodeService
 from app.node.spool import Spool
-from app.node.state import InstanceRecord, State
+from app.node.store import InstanceRecord, NodeStore
 from tests.dicom_fixtures import ct_series, write_series
 from tests.node_fixtures import SCU_AE
 from tests.peers import LOOPBACK, free_port, make_tls_files
@@ -89,12 +90,11 @@ def test_tls_receiver_with_mutual_authentication(tmp_path: Path) -> None:
     tls = make_tls_files(tmp_path / "tls")
     series = ct_series(n_slices=2, seed=4)
     files = write_series(tmp_path / "series", series.datasets)
-    spool, state = Spool(tmp_path / "spool"), State(tmp_path / "state.sqlite")
+    spool, state = Spool(tmp_path / "spool"), NodeStore(tmp_path / "state.sqlite")
     server_tls = TlsConfig(tls.server_cert, tls.server_key, tls.ca, require_client_cert=True)
     rx = DicomReceiver(
         ReceiverOptions(port=free_port(), allowed_callers=parse_callers([SCU_AE]), tls=server_tls),
-        spool,
-        state,
+        Inbox(spool, state),
     )
     rx.start()
     try:
@@ -110,13 +110,13 @@ def test_tls_receiver_with_mutual_authentication(tmp_path: Path) -> None:
         assert not plain.ok
     finally:
         rx.stop()
-    assert state.query("SELECT COUNT(*) FROM instances")[0][0] == 2
+    assert state.db.query("SELECT COUNT(*) FROM instances")[0][0] == 2
     state.close()
 
 
-def _record(state: State, spool: Spool, study: str, sop: str) -> None:
+def _record(state: NodeStore, spool: Spool, study: str, sop: str) -> None:
     f = spool.write(study, sop, b"x")
-    state.record_instance(
+    state.studies.record(
         InstanceRecord(
             study,
             sop,
@@ -143,32 +143,32 @@ def test_spool_retention(tmp_path: Path, retention: str, keep_days: float, remov
     cfg = NodeConfig.load(None, environ={}, overrides={"data_dir": str(tmp_path), "spool.retention": retention,
                                                        "spool.keep_days": keep_days})  # fmt: skip
     service = NodeService(cfg)
-    service.state, service.spool = State(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
-    _record(service.state, service.spool, "1.2.3", "1.2.3.4")
-    (job,) = service.state.complete_quiet_studies(0.0, now=time.time() + 1)
-    claimed = service.state.claim_job()
+    service.store, service.spool = NodeStore(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    _record(service.store, service.spool, "1.2.3", "1.2.3.4")
+    (job,) = service.store.studies.complete_quiet(0.0, now=time.time() + 1)
+    claimed = service.store.jobs.claim()
     assert claimed is not None and claimed.id == job
-    service.state.finish_job(claimed, "processed", "", "results/1", [], [])
+    service.store.jobs.finish(claimed, "processed", "", "results/1", [], [])
     assert service.housekeeping() == removed
     assert (tmp_path / "spool" / "1.2.3").exists() == (removed == 0)
     if retention == "keep" and keep_days:
         assert service.housekeeping(now=time.time() + keep_days * 86400 + 1) == 1  # after N days
-    service.state.close()
+    service.store.close()
 
 
 def test_outbox_retries_transient_and_fails_permanent_errors(tmp_path: Path) -> None:
     """Against a fake sender: transient errors back off, permanent ones and exhausted attempts fail."""
     from app.dimse.sender import FileResult, SendReport, TransientSendError
 
-    state, spool = State(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    state, spool = NodeStore(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
     _record(state, spool, "1.2.3", "1.2.3.4")
-    state.complete_quiet_studies(0.0, now=time.time() + 1)
-    job = state.claim_job()
+    state.studies.complete_quiet(0.0, now=time.time() + 1)
+    job = state.jobs.claim()
     assert job is not None
     series = ct_series(n_slices=1, seed=2)
     (result_file,) = write_series(tmp_path / "results", series.datasets)
     sop = str(dcmread(result_file).SOPInstanceUID)
-    state.finish_job(
+    state.jobs.finish(
         job, "processed", "", "results", [(sop, "results/CT0000.dcm")], ["A@127.0.0.1:1", "B@127.0.0.1:2"]
     )
     calls: list[str] = []
@@ -183,10 +183,10 @@ def test_outbox_retries_transient_and_fails_permanent_errors(tmp_path: Path) -> 
         return SendReport(node, results, err)
 
     outbox = Outbox(
-        state, tmp_path, RetryPolicy(max_attempts=2, initial_delay_s=100, factor=2), sender=sender
+        state.outbox, tmp_path, RetryPolicy(max_attempts=2, initial_delay_s=100, factor=2), sender=sender
     )
     assert outbox.run_once() == 2
-    rows = {r["destination"]: dict(r) for r in state.query("SELECT * FROM outbox")}
+    rows = {r["destination"]: dict(r) for r in state.db.query("SELECT * FROM outbox")}
     assert rows["B@127.0.0.1:2"]["state"] == "failed"  # a failure status is permanent
     assert (
         rows["A@127.0.0.1:1"]["state"] == "pending"
@@ -195,22 +195,22 @@ def test_outbox_retries_transient_and_fails_permanent_errors(tmp_path: Path) -> 
     assert outbox.run_once() == 0  # not due yet
     assert outbox.run_once(now=time.time() + 101) == 1
     assert (
-        state.query("SELECT state FROM outbox WHERE destination='A@127.0.0.1:1'")[0][0] == "failed"
+        state.db.query("SELECT state FROM outbox WHERE destination='A@127.0.0.1:1'")[0][0] == "failed"
     )  # exhausted
-    assert state.studies()[0]["state"] == "failed"
+    assert state.studies.rows()[0]["state"] == "failed"
     assert calls == ["A", "B", "A"]
     state.close()
 
 
 def test_jobs_purge_forgets_finished_studies_and_their_files(tmp_path: Path) -> None:
-    state, spool = State(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    state, spool = NodeStore(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
     _record(state, spool, "1.2.3", "1.2.3.4")
     _record(state, spool, "1.2.5", "1.2.5.6")
-    state.complete_quiet_studies(0.0, now=time.time() + 1)
-    job = state.claim_job()
+    state.studies.complete_quiet(0.0, now=time.time() + 1)
+    job = state.jobs.claim()
     assert job is not None and job.study_uid == "1.2.3"
     (tmp_path / "results" / str(job.id)).mkdir(parents=True)
-    state.finish_job(job, "processed", "", f"results/{job.id}", [], [])
+    state.jobs.finish(job, "processed", "", f"results/{job.id}", [], [])
     state.close()
     config = ["--data-dir", str(tmp_path)]
     kept = CliRunner().invoke(cli, ["jobs", "purge", *config])  # finished less than 30 days ago: kept

@@ -17,9 +17,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from app.dimse.receiver import OUT_OF_RESOURCES, SUCCESS, StoreHandler
+from app.node.inbox import Inbox
 from app.node.recovery import recover
 from app.node.spool import DurableFs, Spool
-from app.node.state import State
+from app.node.store import NODE_SCHEMA, Database, NodeStore
 from operators.uids import NODE_DEVICE_CLASS_UID, NODE_DEVICE_UID, NODE_MANUFACTURER
 from operators.volume import load_dicom_series
 from tests.dicom_fixtures import ct_series, write_series
@@ -88,11 +89,11 @@ class SpyFs(DurableFs):
         super().fsync_dir(path)
 
 
-class SpyState(State):
+class SpyDatabase(Database):
     def __init__(self, path: Path, events: list[str], fail_commit: bool = False) -> None:
         self.events = events
         self.fail_commit = fail_commit
-        super().__init__(path)
+        super().__init__(path, NODE_SCHEMA)
 
     def commit(self) -> None:
         if self.fail_commit and getattr(self, "_armed", False):
@@ -104,25 +105,26 @@ class SpyState(State):
 
 class SpyHandler(StoreHandler):
     def __call__(self, event):  # type: ignore[no-untyped-def]
-        self.state.events.clear()  # type: ignore[attr-defined]
+        self.events.clear()  # type: ignore[attr-defined]
         status = super().__call__(event)
-        self.state.events.append(f"status 0x{status:04X}")  # type: ignore[attr-defined]
-        self.log.append(list(self.state.events))  # type: ignore[attr-defined]
+        self.events.append(f"status 0x{status:04X}")  # type: ignore[attr-defined]
+        self.log.append(list(self.events))  # type: ignore[attr-defined]
         return status
 
 
 def _spy_receiver(tmp: Path, *, fail_at: str | None = None, error: BaseException | None = None):  # type: ignore[no-untyped-def]
     events: list[str] = []
     spool = Spool(tmp / "spool", fs=SpyFs(events, None if fail_at == "commit" else fail_at, error))
-    state = SpyState(tmp / "state.sqlite", events, fail_commit=fail_at == "commit")
-    state._armed = True  # migrations are done
-    handler = SpyHandler(spool, state)
-    handler.log = []  # type: ignore[attr-defined]
-    return handler, spool, state
+    db = SpyDatabase(tmp / "state.sqlite", events, fail_commit=fail_at == "commit")
+    db._armed = True  # migrations are done
+    store = NodeStore(tmp / "state.sqlite", db=db)
+    handler = SpyHandler(Inbox(spool, store))
+    handler.events, handler.log = events, []  # type: ignore[attr-defined]
+    return handler, spool, store
 
 
 def test_durability_order_before_success(tmp_path: Path, series_dir: Path) -> None:
-    handler, spool, state = _spy_receiver(tmp_path)
+    handler, spool, store = _spy_receiver(tmp_path)
     with receiver(tmp_path, store_handler=handler) as (rx, _, _):
         result = _send(rx.port, _files(series_dir))
     assert result.returncode == 0, result.stderr
@@ -138,14 +140,14 @@ def test_durability_order_before_success(tmp_path: Path, series_dir: Path) -> No
         if n == 0:
             expected = ["fsync(dir)", *expected]
         assert steps == expected, (n, events)
-    assert len(state.query("SELECT * FROM instances")) == 6
+    assert len(store.db.query("SELECT * FROM instances")) == 6
 
 
 @pytest.mark.parametrize("step", ["write", "fsync(file)", "rename", "fsync(dir)", "commit"])
 def test_crash_at_each_step_never_acknowledges_and_recovers_consistently(
     tmp_path: Path, series_dir: Path, step: str
 ) -> None:
-    handler, spool, state = _spy_receiver(tmp_path, fail_at=step)
+    handler, spool, store = _spy_receiver(tmp_path, fail_at=step)
     first = _files(series_dir)[:1]
     with receiver(tmp_path, store_handler=handler) as (rx, _, _):
         result = _send(rx.port, first)
@@ -154,11 +156,11 @@ def test_crash_at_each_step_never_acknowledges_and_recovers_consistently(
     assert _successes(result) == 0
     assert f"FAIL {step}" in handler.log[-1]
     # restart: a fresh state over the same files; nothing half-written survives, rows match files
-    state.close()
-    fresh = State(tmp_path / "state.sqlite")
+    store.close()
+    fresh = NodeStore(tmp_path / "state.sqlite")
     report = recover(fresh, Spool(tmp_path / "spool"))
     assert not list((tmp_path / "spool").glob("*/.*.tmp"))
-    rows = fresh.query("SELECT * FROM instances")
+    rows = fresh.db.query("SELECT * FROM instances")
     for row in rows:
         assert (tmp_path / "spool" / row["path"]).is_file()
     files = list(Spool(tmp_path / "spool").files())
@@ -167,11 +169,11 @@ def test_crash_at_each_step_never_acknowledges_and_recovers_consistently(
     with receiver(tmp_path) as (rx, _, st):
         again = _send(rx.port, first)
         assert _successes(again) == 1
-        assert len(st.query("SELECT * FROM instances")) == 1
+        assert len(st.db.query("SELECT * FROM instances")) == 1
 
 
 def test_disk_full_answers_out_of_resources_and_records_nothing(tmp_path: Path, series_dir: Path) -> None:
-    handler, spool, state = _spy_receiver(
+    handler, spool, store = _spy_receiver(
         tmp_path, fail_at="write", error=OSError(errno.ENOSPC, "No space left on device")
     )
     with receiver(tmp_path, store_handler=handler) as (rx, _, _):
@@ -179,10 +181,10 @@ def test_disk_full_answers_out_of_resources_and_records_nothing(tmp_path: Path, 
     assert (result.stdout + result.stderr).count("Refused: OutOfResources") == 6
     assert _successes(result) == 0
     assert all(log[-1] == "status 0xA700" for log in handler.log) and len(handler.log) == 6
-    assert state.query("SELECT COUNT(*) FROM instances")[0][0] == 0
-    assert state.query("SELECT COUNT(*) FROM studies")[0][0] == 0
+    assert store.db.query("SELECT COUNT(*) FROM instances")[0][0] == 0
+    assert store.db.query("SELECT COUNT(*) FROM studies")[0][0] == 0
     assert not list(spool.files()) and not list((tmp_path / "spool").glob("*/.*"))
-    assert "No space left" in state.last_errors(1)[0]["message"]
+    assert "No space left" in store.journal.last_errors(1)[0]["message"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def test_unknown_calling_ae_and_wrong_host_are_rejected_at_association(
             assert result.returncode != 0
             assert "Association Rejected" in result.stdout + result.stderr
         assert echo.returncode == 0, echo.stderr
-        assert state.query("SELECT COUNT(*) FROM instances")[0][0] == 0
+        assert state.db.query("SELECT COUNT(*) FROM instances")[0][0] == 0
 
 
 def test_corrupt_instance_fails_alone(tmp_path: Path, series_dir: Path) -> None:
@@ -236,8 +238,8 @@ def test_corrupt_instance_fails_alone(tmp_path: Path, series_dir: Path) -> None:
             _config.STORE_SEND_CHUNKED_DATASET = old
         assert statuses[0] == SUCCESS and statuses[2] == SUCCESS
         assert 0xC000 <= statuses[1] <= 0xCFFF
-        assert state.query("SELECT COUNT(*) FROM instances")[0][0] == 2
-        assert any(e["kind"] == "receive" for e in state.last_errors())
+        assert state.db.query("SELECT COUNT(*) FROM instances")[0][0] == 2
+        assert any(e["kind"] == "receive" for e in state.journal.last_errors())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,23 +279,23 @@ def test_own_results_and_foreign_sr_never_trigger(tmp_path: Path, series_dir: Pa
         ds.save_as(paths[-1], enforce_file_format=True)
     with receiver(tmp_path) as (rx, spool, state):
         assert _send(rx.port, paths).returncode == 0
-        rows = {r["sop_uid"]: r for r in state.query("SELECT * FROM instances")}
+        rows = {r["sop_uid"]: r for r in state.db.query("SELECT * FROM instances")}
         assert rows[own.SOPInstanceUID]["own_output"] == 1 and rows[own.SOPInstanceUID]["triggers"] == 0
         assert (
             rows[foreign.SOPInstanceUID]["own_output"] == 0 and rows[foreign.SOPInstanceUID]["triggers"] == 0
         )
-        assert state.complete_quiet_studies(0.0, now=time.time() + 60) == []  # no job at all
-        assert state.studies()[0]["state"] == "stored"
+        assert state.studies.complete_quiet(0.0, now=time.time() + 60) == []  # no job at all
+        assert state.studies.rows()[0]["state"] == "stored"
         # a finished CT study that gets our own SR back stays finished (no late-arrival reprocess)
         assert _send(rx.port, _files(series_dir)).returncode == 0
-        (job,) = state.complete_quiet_studies(0.0, now=time.time() + 60)
-        claimed = state.claim_job()
+        (job,) = state.studies.complete_quiet(0.0, now=time.time() + 60)
+        claimed = state.jobs.claim()
         assert claimed is not None and claimed.id == job
-        state.finish_job(claimed, "processed", "", "results/1", [], [])
+        state.jobs.finish(claimed, "processed", "", "results/1", [], [])
         assert _send(rx.port, [paths[2]]).returncode == 0
-        study = {s["study_uid"]: s for s in state.studies()}[str(ct.StudyInstanceUID)]
+        study = {s["study_uid"]: s for s in state.studies.rows()}[str(ct.StudyInstanceUID)]
         assert study["state"] == "done" and study["generation"] == 1
-        assert state.complete_quiet_studies(0.0, now=time.time() + 120) == []
+        assert state.studies.complete_quiet(0.0, now=time.time() + 120) == []
 
 
 def test_conflicting_patient_id_quarantines_the_study(tmp_path: Path) -> None:
@@ -304,46 +306,46 @@ def test_conflicting_patient_id_quarantines_the_study(tmp_path: Path) -> None:
     write_series(tmp_path / "b", other.datasets)
     with receiver(tmp_path) as (rx, spool, state):
         assert _send(rx.port, _files(tmp_path / "a") + _files(tmp_path / "b")).returncode == 0
-        (study,) = state.studies()
+        (study,) = state.studies.rows()
         assert study["state"] == "quarantined"
         assert (
             "quarantined" in study["error"]
             and "P-ONE" not in study["error"]
             and "P-TWO" not in study["error"]
         )
-        assert state.query("SELECT COUNT(*) FROM instances")[0][0] == 6  # kept, never processed
-        assert state.complete_quiet_studies(0.0, now=time.time() + 60) == []
-        assert any(e["kind"] == "quarantine" for e in state.last_errors())
+        assert state.db.query("SELECT COUNT(*) FROM instances")[0][0] == 6  # kept, never processed
+        assert state.studies.complete_quiet(0.0, now=time.time() + 60) == []
+        assert any(e["kind"] == "quarantine" for e in state.journal.last_errors())
 
 
 def test_duplicates_and_late_arrivals(
     tmp_path: Path, series_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("WARNING", logger="app.node.state")
+    caplog.set_level("WARNING", logger="app.node.store.studies")
     files = _files(series_dir)
     with receiver(tmp_path) as (rx, spool, state):
         assert _send(rx.port, files[:4]).returncode == 0
         assert _send(rx.port, files[:4]).returncode == 0  # identical re-send: success, nothing changes
-        assert state.query("SELECT SUM(duplicates) FROM instances")[0][0] == 4
-        (job,) = state.complete_quiet_studies(0.0, now=time.time() + 60)
-        claimed = state.claim_job()
+        assert state.db.query("SELECT SUM(duplicates) FROM instances")[0][0] == 4
+        (job,) = state.studies.complete_quiet(0.0, now=time.time() + 60)
+        claimed = state.jobs.claim()
         assert claimed is not None
         assert _send(rx.port, files[4:]).returncode == 0  # late CT while processing: reprocess
         assert (
-            state.finish_job(claimed, "processed", "", "results/1", [("1.2.3", "x.dcm")], ["A@h:1"])
+            state.jobs.finish(claimed, "processed", "", "results/1", [("1.2.3", "x.dcm")], ["A@h:1"])
             == "superseded"
         )
-        (study,) = state.studies()
+        (study,) = state.studies.rows()
         assert study["state"] == "receiving" and study["generation"] == 2 and study["instance_count"] == 6
-        assert state.query("SELECT COUNT(*) FROM outbox")[0][0] == 0  # superseded run sends nothing
-        (job2,) = state.complete_quiet_studies(0.0, now=time.time() + 120)
+        assert state.db.query("SELECT COUNT(*) FROM outbox")[0][0] == 0  # superseded run sends nothing
+        (job2,) = state.studies.complete_quiet(0.0, now=time.time() + 120)
         assert job2 != job
         assert "policy reprocess" in caplog.text
     with receiver(tmp_path / "ignore", late_policy="ignore") as (rx, spool, state):
         assert _send(rx.port, files[:4]).returncode == 0
-        state.complete_quiet_studies(0.0, now=time.time() + 60)
+        state.studies.complete_quiet(0.0, now=time.time() + 60)
         assert _send(rx.port, files[4:]).returncode == 0
-        (study,) = state.studies()
+        (study,) = state.studies.rows()
         assert study["state"] == "complete" and study["instance_count"] == 6 and study["generation"] == 1
         assert "policy ignore" in caplog.text
 
@@ -383,7 +385,7 @@ def test_compressed_transfer_syntax_arrives_with_the_same_hu(
     with receiver(tmp_path) as (rx, spool, state):
         result = _send(rx.port, _files(out), extra=(option,))
         assert result.returncode == 0 and _successes(result) == 6, result.stdout + result.stderr
-        rows = state.query("SELECT transfer_syntax, path FROM instances")
+        rows = state.db.query("SELECT transfer_syntax, path FROM instances")
         assert {r["transfer_syntax"] for r in rows} == {ts}
         received = [pydicom.dcmread(spool.root / r["path"]) for r in rows]
     original = load_dicom_series([pydicom.dcmread(p) for p in _files(series_dir)])
@@ -402,20 +404,136 @@ def test_rebuild_state_from_spool_when_database_is_lost(tmp_path: Path, series_d
             _send(rx.port, _files(series_dir) + _files(tmp_path / "b") + [tmp_path / "own.dcm"]).returncode
             == 0
         )
-        before = {r["sop_uid"]: dict(r) for r in state.query("SELECT * FROM instances")}
+        before = {r["sop_uid"]: dict(r) for r in state.db.query("SELECT * FROM instances")}
     for suffix in ("", "-wal", "-shm"):
         Path(f"{tmp_path / 'node' / 'state.sqlite'}{suffix}").unlink(missing_ok=True)
-    state = State(tmp_path / "node" / "state.sqlite")
+    state = NodeStore(tmp_path / "node" / "state.sqlite")
     report = recover(state, Spool(tmp_path / "node" / "spool"))
     assert report.instances_adopted == len(before) == 10
-    after = {r["sop_uid"]: dict(r) for r in state.query("SELECT * FROM instances")}
+    after = {r["sop_uid"]: dict(r) for r in state.db.query("SELECT * FROM instances")}
     for uid, row in before.items():
         for key in ("study_uid", "path", "sha256", "triggers", "own_output", "patient_id", "transfer_syntax"):
             assert after[uid][key] == row[key], (uid, key)
-    assert sorted(state.complete_quiet_studies(0.0, now=time.time() + 60)) == [
+    assert sorted(state.studies.complete_quiet(0.0, now=time.time() + 60)) == [
         1,
         2,
     ]  # both CT studies get jobs
     assert recover(state, Spool(tmp_path / "node" / "spool")).instances_adopted == 0  # idempotent
     shutil.rmtree(tmp_path / "node")
     wait_for(lambda: True, 1, "noop")
+
+
+# --------------------------------------------------------------------------------------------------
+# Group commit, folder fsync shared across associations, the receiver's wall
+# --------------------------------------------------------------------------------------------------
+
+
+class SlowCommitDatabase(Database):
+    """Counts commits and holds each one a while, so concurrent callers pile up behind it."""
+
+    def __init__(self, path: Path, fail: bool = False) -> None:
+        self.commits = 0
+        self.fail = fail
+        super().__init__(path, NODE_SCHEMA)
+
+    def commit(self) -> None:
+        time.sleep(0.05)
+        if self.fail:
+            raise OSError(errno.ENOSPC, "injected: database full")
+        super().commit()
+        self.commits += 1
+
+
+def _record_concurrently(store: NodeStore, records: list) -> list:  # type: ignore[type-arg]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(rec):  # type: ignore[no-untyped-def]
+        try:
+            return store.studies.record(rec)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    with ThreadPoolExecutor(len(records)) as pool:
+        return list(pool.map(one, records))
+
+
+def _records(n: int, study: str = "1.2.3") -> list:  # type: ignore[type-arg]
+    from app.node.store import InstanceRecord
+
+    return [InstanceRecord(study, f"{study}.{i}", "1.2", "1.2.840.10008.5.1.4.1.1.2", "CT", "1.2.840.10008.1.2.1",
+                           "P", "", True, False, f"{study}/{study}.{i}.dcm", 1, f"h{i}", "A") for i in range(n)]  # fmt: skip
+
+
+def test_group_commit_shares_commits_and_keeps_each_change_alone(tmp_path: Path) -> None:
+    db = SlowCommitDatabase(tmp_path / "state.sqlite")
+    store = NodeStore(tmp_path / "state.sqlite", db=db)
+    (other,) = _records(1, study="1.2.9")
+    assert store.studies.record(other).status == "new"
+    db.commits = 0
+    records = _records(12)
+    conflict = type(other)(**{**vars(records[0]), "sop_uid": other.sop_uid})  # that SOP, another study
+    results = _record_concurrently(store, [*records, conflict])
+    # every change is its own (12 new rows, one conflict recorded as an error), all committed
+    assert [r.status for r in results] == ["new"] * 12 + ["conflict"], results
+    assert store.db.query("SELECT COUNT(*) FROM instances")[0][0] == 13
+    assert {s["study_uid"]: s["instance_count"] for s in store.studies.rows()} == {"1.2.9": 1, "1.2.3": 12}
+    assert [e["kind"] for e in store.journal.last_errors()] == ["duplicate-conflict"]
+    assert db.commits < 13, db.commits  # callers shared commits
+    store.close()
+    # a failed COMMIT fails every caller it carried, and keeps nothing of any of them
+    failing = SlowCommitDatabase(tmp_path / "full.sqlite", fail=False)
+    store = NodeStore(tmp_path / "full.sqlite", db=failing)
+    failing.fail = True
+    results = _record_concurrently(store, _records(6))
+    assert all(isinstance(r, OSError) for r in results), results
+    failing.fail = False
+    assert store.db.query("SELECT COUNT(*) FROM instances")[0][0] == 0
+    assert store.studies.record(_records(1)[0]).status == "new"  # the connection is usable again
+    store.close()
+
+
+def test_folder_fsync_is_shared_by_concurrent_writers_and_covers_each_rename(tmp_path: Path) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    events: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    class SlowFs(DurableFs):
+        def rename(self, src: Path, dst: Path) -> None:
+            super().rename(src, dst)
+            with lock:
+                events.append((f"rename {dst.name}", time.perf_counter()))
+
+        def fsync_dir(self, path: Path) -> None:
+            with lock:
+                events.append(("fsync start", time.perf_counter()))
+            time.sleep(0.02)
+            super().fsync_dir(path)
+
+    spool = Spool(tmp_path / "spool", fs=SlowFs())
+    spool.write("1.2.3", "1.2.3.0", b"first")  # the study folder exists
+
+    def write(i: int) -> float:
+        spool.write("1.2.3", f"1.2.3.{i}", b"x" * i)
+        return time.perf_counter()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(1, 17)))
+    renames = {name: t for name, t in events if name.startswith("rename")}
+    starts = [t for name, t in events if name == "fsync start"]
+    assert len(renames) == 17 and len(starts) < 17  # shared
+    for name, t in renames.items():  # every rename is followed by an fsync of its folder that began after it
+        assert any(s > t for s in starts), name
+
+
+def test_receiver_knows_the_node_only_through_its_store_protocol() -> None:
+    """The receive stage depends on :class:`InstanceStore`, never on the node's database or spool."""
+    import ast
+
+    from tests.node_fixtures import ROOT
+
+    tree = ast.parse((ROOT / "app" / "dimse" / "receiver.py").read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in modules if m == "app.node" or m.startswith("app.node.")], modules

@@ -1,15 +1,18 @@
 """``hyperct process --send-to``: a batch run's results go out through the node's own outbox.
 
-One outbox implementation: the batch keeps a database of the node's schema in
-``OUT/_batch/state.sqlite`` (:class:`~app.node.state.State`), queues each finished study's SR, SEG
-and text SR with :meth:`State.enqueue_results` (paths relative to OUT) and sends them with
-:class:`~app.node.outbox.Outbox` — the same C-STORE SCU, per-destination association, transient /
-permanent error split and :class:`~app.dimse.sender.RetryPolicy` backoff as ``hyperct serve``.
-An outbox thread sends while the batch runs; at the end :meth:`BatchSender.drain` waits (bounded)
-for the rest. Because the rows are keyed by (destination, SOP Instance UID) and the output UIDs are
-deterministic, a rerun resumes pending and failed sends and never sends a delivered object again.
-``hyperct jobs list|show`` and ``hyperct status`` read the same database with
-``--data-dir OUT/_batch``.
+One outbox implementation, and only the outbox: the batch keeps the outbox table alone in
+``OUT/_batch/outbox.sqlite`` (:meth:`OutboxStore.open <app.node.store.OutboxStore.open>`; no
+studies, instances or jobs — the ledger is the batch's record of those), queues each finished
+study's SR, SEG and text SR with :meth:`OutboxStore.enqueue` (paths relative to OUT) and sends them
+with :class:`~app.node.outbox.Outbox` — the same C-STORE SCU, per-destination association,
+transient / permanent error split and :class:`~app.dimse.sender.RetryPolicy` backoff as
+``hyperct serve``. An outbox thread sends while the batch runs; at the end
+:meth:`BatchSender.drain` waits (bounded) for the rest. Because the rows are keyed by (destination,
+SOP Instance UID) and the output UIDs are deterministic, a rerun resumes pending and failed sends
+and never sends a delivered object again. ``hyperct status --data-dir OUT/_batch`` shows the rows
+and each study's delivery. Runs from before this file existed kept their outbox in a node-schema
+``OUT/_batch/state.sqlite``: its rows move into ``outbox.sqlite`` on the next run (the old file is
+renamed ``state.sqlite.migrated``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from app.node.outbox import result_outputs
 
 logger = logging.getLogger(__name__)
 
-STATE_DB = "state.sqlite"  # the node's file name, so `hyperct jobs --data-dir OUT/_batch` finds it
+OUTBOX_DB = "outbox.sqlite"
+LEGACY_STATE_DB = "state.sqlite"  # where earlier runs kept their outbox (a node-schema database)
 SENDS_CSV = "sends.csv"
 SEND_COLUMNS = (
     "study_instance_uid", "destination", "sop_instance_uid", "path", "state", "attempts", "last_error",
@@ -55,19 +59,19 @@ class BatchSender:
     def __init__(self, cfg: SendConfig, output: Path, work_dir: Path) -> None:
         from app.dimse.network import RemoteNode
         from app.node.outbox import Outbox
-        from app.node.state import State
+        from app.node.store.outbox import OutboxStore
 
         for dest in cfg.destinations:
             RemoteNode.parse(dest)  # a bad address fails before any study runs
         self.cfg = cfg
         self.output = Path(output)
-        self.state = State(Path(work_dir) / STATE_DB)
+        self.store = OutboxStore.open(Path(work_dir) / OUTBOX_DB, legacy=Path(work_dir) / LEGACY_STATE_DB)
         self.outbox = Outbox(
-            self.state, self.output, cfg.retry, calling_ae=cfg.calling_ae, timeout_s=cfg.timeout_s
+            self.store, self.output, cfg.retry, calling_ae=cfg.calling_ae, timeout_s=cfg.timeout_s
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        resumed = self.state.requeue_outbox()
+        resumed = self.store.requeue()
         if resumed:
             logger.info("outbox: %d send(s) left by an earlier run are due again", resumed)
 
@@ -90,15 +94,7 @@ class BatchSender:
         if summary.get("outcome") != "processed":
             return 0
         outputs = result_outputs(summary, self.output, self.output)
-        self.state.enqueue_results(
-            study_uid,
-            outputs,
-            list(self.cfg.destinations),
-            output_dir=study_uid,
-            reason="hyperct process",
-            resend=self.cfg.resend,
-        )
-        return len(outputs) * len(self.cfg.destinations)
+        return self.store.enqueue(study_uid, outputs, list(self.cfg.destinations), resend=self.cfg.resend)
 
     def queue_finished(self, study_uids: Iterable[str]) -> int:
         """Queue the results of studies this run skips (already in the ledger) for every destination
@@ -107,8 +103,7 @@ class BatchSender:
         Returns the studies queued."""
         from operators.stages import RESULTS_FILE
 
-        have = {(r["study_uid"], r["destination"]) for r in self.state.query(
-            "SELECT DISTINCT study_uid, destination FROM outbox")}  # fmt: skip
+        have = self.store.destinations()
         queued = 0
         for uid in study_uids:
             missing = [d for d in self.cfg.destinations if (uid, d) not in have]
@@ -118,9 +113,7 @@ class BatchSender:
             try:
                 files = json.loads(results.read_text()).get("outputs", {}).get("files", {})
                 outputs = result_outputs({"files": files}, self.output, self.output)
-                self.state.enqueue_results(
-                    uid, outputs, missing, output_dir=uid, reason="hyperct process (from the ledger)"
-                )
+                self.store.enqueue(uid, outputs, missing)
             except (OSError, ValueError, KeyError) as exc:  # one study's results must not stop the run
                 logger.error("study %s: its results could not be queued for sending: %s", uid, exc)
                 continue
@@ -137,7 +130,7 @@ class BatchSender:
         )
 
     def counts(self) -> dict[str, int]:
-        return self.state.outbox_counts()
+        return self.store.counts()
 
     def rows(self) -> list[dict[str, Any]]:
         """Every outbox row for ``sends.csv``."""
@@ -152,12 +145,12 @@ class BatchSender:
                 "last_error": r["last_error"] or "",
                 "sent_at": _iso(r["sent_at"]),
             }
-            for r in self.state.outbox_rows()
+            for r in self.store.rows()
         ]
 
     def close(self) -> None:
         self.stop()
-        self.state.close()
+        self.store.close()
 
 
 def send_errors(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:

@@ -14,8 +14,13 @@ import datetime
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from app.node.config import NodeConfig
+    from app.node.store import NodeStore, OutboxStore
 
 HELP = "Inspect and steer the node's jobs (one per processed study): list, show, retry, purge."
 STATUS_HELP = "The node's queue depth, studies and outbox by state, and the last errors."
@@ -28,16 +33,36 @@ _CONFIG = typer.Option(
 _DATA = typer.Option(None, "--data-dir", help="The node's data folder (overrides the config).")
 
 
-def _state(config: Path | None, data_dir: Path | None):  # type: ignore[no-untyped-def]
+def _folder(config: Path | None, data_dir: Path | None) -> NodeConfig:
     from app.node.config import NodeConfig
-    from app.node.state import State
 
-    cfg = NodeConfig.load(config, overrides={"data_dir": str(data_dir) if data_dir else None})
+    return NodeConfig.load(config, overrides={"data_dir": str(data_dir) if data_dir else None})
+
+
+def _batch_outbox_path(folder: Path) -> Path:
+    from app.batch.send import OUTBOX_DB
+
+    return folder / OUTBOX_DB
+
+
+def _batch_outbox(folder: Path) -> OutboxStore | None:
+    """The outbox of a ``hyperct process --send-to`` run (``OUT/_batch``), or None."""
+    from app.node.store import OutboxStore
+
+    path = _batch_outbox_path(folder)
+    return OutboxStore.open(path) if path.exists() else None
+
+
+def _state(config: Path | None, data_dir: Path | None) -> tuple[NodeStore, NodeConfig]:
+    from app.node.store import NodeStore
+
+    cfg = _folder(config, data_dir)
     db = cfg.data_path / "state.sqlite"
     if not db.exists():
-        typer.echo(f"error: no node state at {db}", err=True)
+        hint = " (a batch outbox: see its studies.csv and sends.csv)" if _batch_outbox_path(cfg.data_path).exists() else ""
+        typer.echo(f"error: no node state at {db}{hint}", err=True)
         raise typer.Exit(1)
-    return State(db), cfg
+    return NodeStore(db), cfg
 
 
 def _when(ts: float | None) -> str:
@@ -54,7 +79,7 @@ def list_jobs(
 ) -> None:  # fmt: skip
     """List jobs, newest first."""
     state, _ = _state(config, data_dir)
-    rows = state.jobs(state_filter, limit)
+    rows = state.jobs.rows(state_filter, limit)
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -71,11 +96,11 @@ def list_jobs(
 def show(job_id: int = typer.Argument(..., help="Job id (from `hyperct jobs list`)."), config: Path = _CONFIG,
          data_dir: Path = _DATA) -> None:  # fmt: skip
     """Everything about one job: study, attempts, outbox rows, errors (JSON)."""
-    from app.node.state import StateError
+    from app.node.store import StateError
 
     state, _ = _state(config, data_dir)
     try:
-        typer.echo(json.dumps(state.job_details(job_id), indent=2, default=str))
+        typer.echo(json.dumps(state.jobs.details(job_id), indent=2, default=str))
     except StateError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -86,11 +111,11 @@ def retry(
     job_id: int = typer.Argument(..., help="Job id."), config: Path = _CONFIG, data_dir: Path = _DATA
 ) -> None:
     """Re-queue a job's failed sends, or run a finished job's study again (picked up by the running node)."""
-    from app.node.state import StateError
+    from app.node.store import StateError
 
     state, _ = _state(config, data_dir)
     try:
-        typer.echo(state.retry_job(job_id))
+        typer.echo(state.jobs.retry(job_id))
     except StateError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -106,25 +131,26 @@ def purge(
     """Forget finished studies: rows, spool and results folders."""
     state, cfg = _state(config, data_dir)
     states = ("done", "not_processed", "stored", *(("failed",) if include_failed else ()))
-    jobs = {r["study_uid"]: [] for r in state.studies()}
-    for j in state.jobs(limit=1_000_000):
-        jobs.setdefault(j["study_uid"], []).append(j["id"])
-    uids = state.purge(older_than_s=older_than_days * 86400.0, states=states)
-    for uid in uids:
+    forgotten = state.purge(older_than_s=older_than_days * 86400.0, states=states)
+    for uid, job_ids in forgotten.items():
         shutil.rmtree(cfg.data_path / "spool" / uid, ignore_errors=True)
-        for jid in jobs.get(uid, []):
+        for jid in job_ids:
             shutil.rmtree(cfg.data_path / "results" / str(jid), ignore_errors=True)
-    typer.echo(f"purged {len(uids)} study(ies)")
+    typer.echo(f"purged {len(forgotten)} study(ies)")
 
 
 def status(config: Path = _CONFIG, data_dir: Path = _DATA, errors: int = typer.Option(5, "--errors", help="How many recent errors to show."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:  # fmt: skip
     """Queue depth, studies/jobs/outbox by state, last errors."""
+    outbox = _batch_outbox(_folder(config, data_dir).data_path)
+    if outbox is not None:
+        _batch_status(outbox, as_json)
+        return
     state, _ = _state(config, data_dir)
     counts = state.counts()
     jobs = counts["jobs"]
     counts["queue_depth"] = jobs.get("queued", 0) + jobs.get("running", 0)
-    counts["last_errors"] = state.last_errors(errors)
+    counts["last_errors"] = state.journal.last_errors(errors)
     if as_json:
         typer.echo(json.dumps(counts, indent=2, default=str))
         return
@@ -137,3 +163,21 @@ def status(config: Path = _CONFIG, data_dir: Path = _DATA, errors: int = typer.O
     typer.echo("last errors:" if counts["last_errors"] else "last errors: none")
     for e in counts["last_errors"]:
         typer.echo(f"  {_when(e['at'])} {e['kind']}: {e['message'][:300]}")
+
+
+def _batch_status(outbox: OutboxStore, as_json: bool) -> None:
+    """A batch run's outbox: rows and studies by delivery state, and the failed sends."""
+    studies: dict[str, int] = {}
+    for state in outbox.study_states().values():
+        studies[state] = studies.get(state, 0) + 1
+    failed = [r for r in outbox.rows() if r["state"] == "failed"]
+    by_state = {"studies": studies, "outbox": outbox.counts()}
+    outbox.close()
+    if as_json:
+        typer.echo(json.dumps({**by_state, "failed_sends": failed}, indent=2, default=str))
+        return
+    for key, counts in by_state.items():
+        typer.echo(f"{key}: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    typer.echo("failed sends:" if failed else "failed sends: none")
+    for r in failed:
+        typer.echo(f"  {r['destination']} {r['path']}: {(r['last_error'] or '')[:300]}")

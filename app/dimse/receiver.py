@@ -2,11 +2,13 @@
 
 Why each rule:
 
-* **Durable before success.** 0x0000 goes back only after the instance is in the spool (temp file,
-  fsync, rename, fsync of the folder) *and* its row is committed in SQLite (synchronous=FULL). A
-  sender that got success may delete its copy; a crash, even a power loss, must not lose it. When
+* **Durable before success.** 0x0000 goes back only after :meth:`InstanceStore.put` returned, and
+  a store returns only once the instance is on disk, a power loss included (the node's
+  :class:`app.node.inbox.Inbox`: temp file, fsync, rename, fsync of the folder, then its row
+  committed in SQLite with synchronous=FULL). A sender that got success may delete its copy. When
   anything on that path fails the answer is 0xA700 (out of resources), never success, and nothing
-  is recorded: the sender keeps the instance and retries.
+  is recorded: the sender keeps the instance and retries. The receiver knows the store only through
+  the small :class:`InstanceStore` protocol, not the node's database.
 * **Raw bytes.** The dataset is written as it arrived (``event.encoded_dataset()``), never decoded
   and re-encoded: faster, and the stored file is byte-for-byte what the PACS sent. Only the header
   is parsed (no pixels) to learn the study, patient and kind.
@@ -27,7 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -52,10 +54,6 @@ from pynetdicom.sop_class import Verification
 
 from app.dimse.network import TlsConfig, enable_tcp_nodelay
 from operators.uids import is_own_output
-
-if TYPE_CHECKING:
-    from app.node.spool import Spool
-    from app.node.state import State
 
 logger = logging.getLogger(__name__)
 
@@ -133,18 +131,55 @@ class ReceiverOptions:
     accept_any_caller: bool = False
     max_pdu: int = 131072
     max_associations: int = 16
-    late_policy: str = "reprocess"
     tls: TlsConfig | None = None
 
 
-class StoreHandler:
-    """``EVT_C_STORE``: spool durably, commit the row, then answer; see the module docstring."""
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the handler learned from one instance's header (no pixels): its identity and kind."""
 
-    def __init__(self, spool: Spool, state: State, *, late_policy: str = "reprocess",
-                 counters: Counter | None = None) -> None:  # fmt: skip
-        self.spool = spool
-        self.state = state
-        self.late_policy = late_policy
+    study_uid: str
+    sop_uid: str
+    series_uid: str
+    sop_class_uid: str
+    modality: str
+    transfer_syntax: str
+    patient_id: str
+    issuer: str
+    triggers: bool
+    own_output: bool
+    calling_ae: str
+
+
+class Stored(Protocol):
+    """What :meth:`InstanceStore.put` answers: ``status`` new | duplicate | replaced | conflict."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+
+
+class InstanceStore(Protocol):
+    """Where the receiver puts instances (the node's is :class:`app.node.inbox.Inbox`)."""
+
+    def check(self, instance: ReceivedInstance) -> None:
+        """Raise ValueError when the instance cannot be stored, before anything is written."""
+
+    def put(self, instance: ReceivedInstance, data: bytes) -> Stored:
+        """Store ``data`` (file meta + dataset as received) durably — file and record on disk, a
+        power loss included — before returning; raise on any failure, leaving nothing recorded.
+        ``conflict``: the SOP Instance UID belongs to another study; nothing was kept."""
+
+    def note_error(self, kind: str, message: str, study_uid: str | None = None, sop_uid: str | None = None) -> None:
+        """Keep a note of an instance that could not be stored (must not raise)."""
+
+
+class StoreHandler:
+    """``EVT_C_STORE``: the store makes it durable, then we answer; see the module docstring."""
+
+    def __init__(self, store: InstanceStore, *, counters: Counter | None = None) -> None:
+        self.store = store
         self.counters = counters if counters is not None else Counter()
 
     def __call__(self, event: evt.Event) -> int:
@@ -152,45 +187,29 @@ class StoreHandler:
         request_uid = str(event.request.AffectedSOPInstanceUID)
         try:
             raw = event.encoded_dataset(include_meta=True)
-            header = read_header(raw)
-            record_fields = describe_instance(header, str(event.context.transfer_syntax), calling_ae)
-            study_uid, sop_uid = record_fields["study_uid"], record_fields["sop_uid"]
-            if sop_uid != request_uid:
-                raise ValueError(f"dataset SOPInstanceUID {sop_uid} differs from the request's {request_uid}")
-            self.spool.path_for(study_uid, sop_uid)  # validates both UIDs before anything is written
+            instance = describe_instance(read_header(raw), str(event.context.transfer_syntax), calling_ae)
+            if instance.sop_uid != request_uid:
+                raise ValueError(f"dataset SOPInstanceUID {instance.sop_uid} differs from the request's {request_uid}")
+            self.store.check(instance)
         except Exception as exc:  # noqa: BLE001 - any parse problem is this instance's failure only
             self.counters["instances_failed"] += 1
             logger.warning("instance %s from %s not understood: %s", request_uid, calling_ae, exc)
-            _try(self.state.add_error, "receive", f"cannot understand instance: {exc}", None, request_uid)
+            self.store.note_error("receive", f"cannot understand instance: {exc}", None, request_uid)
             return CANNOT_UNDERSTAND
         try:
-            spooled = self.spool.write(study_uid, sop_uid, raw)
-        except Exception as exc:  # noqa: BLE001 - disk full, I/O error, permission: never success
+            result = self.store.put(instance, raw)
+        except Exception as exc:  # noqa: BLE001 - disk or database full, I/O error: never success
             self.counters["instances_failed"] += 1
-            logger.error("cannot spool %s of study %s: %s", sop_uid, study_uid, exc)
-            _try(self.state.add_error, "spool", f"cannot write instance: {exc}", study_uid, sop_uid)
-            return OUT_OF_RESOURCES
-        from app.node.state import InstanceRecord
-
-        record = InstanceRecord(
-            **record_fields, path=spooled.relpath, size=spooled.size, sha256=spooled.sha256
-        )
-        try:
-            result = self.state.record_instance(record, late_policy=self.late_policy)
-        except Exception as exc:  # noqa: BLE001 - database full or broken: never success
-            self.counters["instances_failed"] += 1
-            if _try_lookup(self.state, sop_uid) is False:  # keep an older acknowledged copy
-                self.spool.remove(spooled.path)
-            logger.error("cannot record %s of study %s: %s", sop_uid, study_uid, exc)
+            logger.error("cannot store %s of study %s: %s", instance.sop_uid, instance.study_uid, exc)
             return OUT_OF_RESOURCES
         if result.status == "conflict":
             self.counters["instances_failed"] += 1
-            self.spool.remove(spooled.path)
             logger.error("%s", result.message)
             return UID_CONFLICT
         self.counters["instances_received"] += 1
         self.counters[f"instances_{result.status}"] += 1
-        logger.debug("stored %s (%s) of study %s from %s", sop_uid, result.status, study_uid, calling_ae)
+        logger.debug("stored %s (%s) of study %s from %s", instance.sop_uid, result.status, instance.study_uid,
+                     calling_ae)  # fmt: skip
         return SUCCESS
 
 
@@ -201,51 +220,34 @@ def read_header(source: Any) -> Any:
     return dcmread(source, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
 
 
-def describe_instance(header: Any, transfer_syntax: str, calling_ae: str) -> dict[str, Any]:
-    """The identity and kind of an instance, for the state (raises if the UIDs are missing)."""
+def describe_instance(header: Any, transfer_syntax: str, calling_ae: str) -> ReceivedInstance:
+    """The identity and kind of an instance (raises if the UIDs are missing)."""
     sop_class = str(header.get("SOPClassUID", ""))
     own = is_own_output(header)
     modality = str(header.get("Modality", ""))
-    return {
-        "study_uid": str(header.StudyInstanceUID),
-        "sop_uid": str(header.SOPInstanceUID),
-        "series_uid": str(header.get("SeriesInstanceUID", "")),
-        "sop_class_uid": sop_class,
-        "modality": modality,
-        "transfer_syntax": transfer_syntax,
-        "patient_id": str(header.get("PatientID", "")),
-        "issuer": str(header.get("IssuerOfPatientID", "")),
-        "triggers": sop_class in TRIGGER_SOP_CLASSES and not own and modality == "CT",
-        "own_output": own,
-        "calling_ae": calling_ae,
-    }
-
-
-def _try_lookup(state: State, sop_uid: str) -> bool | None:
-    """Whether the state has a row for ``sop_uid`` (None when the database cannot answer)."""
-    try:
-        return state.instance(sop_uid) is not None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _try(fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:  # noqa: BLE001 - recording an error must not hide the original one
-        logger.exception("could not record an error")
+    return ReceivedInstance(
+        study_uid=str(header.StudyInstanceUID),
+        sop_uid=str(header.SOPInstanceUID),
+        series_uid=str(header.get("SeriesInstanceUID", "")),
+        sop_class_uid=sop_class,
+        modality=modality,
+        transfer_syntax=transfer_syntax,
+        patient_id=str(header.get("PatientID", "")),
+        issuer=str(header.get("IssuerOfPatientID", "")),
+        triggers=sop_class in TRIGGER_SOP_CLASSES and not own and modality == "CT",
+        own_output=own,
+        calling_ae=calling_ae,
+    )
 
 
 class DicomReceiver:
     """The SCP: start/stop a pynetdicom server with our contexts, allow-list and handlers."""
 
-    def __init__(self, options: ReceiverOptions, spool: Spool, state: State,
+    def __init__(self, options: ReceiverOptions, store: InstanceStore,
                  store_handler: Callable[[evt.Event], int] | None = None) -> None:  # fmt: skip
         self.options = options
         self.counters: Counter = Counter()
-        self.store_handler = store_handler or StoreHandler(
-            spool, state, late_policy=options.late_policy, counters=self.counters
-        )
+        self.store_handler = store_handler or StoreHandler(store, counters=self.counters)
         self._server: Any = None
         self._lock = threading.Lock()
 

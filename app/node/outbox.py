@@ -8,9 +8,9 @@ permanent one (association rejected, a failure status) or ``max_attempts`` spent
 *failed*: kept, visible in ``hyperct jobs show`` / ``hyperct status``, re-queued by
 ``hyperct jobs retry``.
 
-The node queues rows when a job finishes (:meth:`State.finish_job`); ``hyperct process --send-to``
-queues a batch study's results with :meth:`State.enqueue_results` into a database of the same
-schema under its OUT folder and sends them with this same class (:meth:`Outbox.drain` at the end).
+The node queues rows when a job finishes (:meth:`JobStore.finish`); ``hyperct process --send-to``
+queues a batch study's results with :meth:`OutboxStore.enqueue` into an outbox file of its own
+under its OUT folder and sends them with this same class (:meth:`Outbox.drain` at the end).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 from app.dimse.network import RemoteNode, TlsConfig
 from app.dimse.sender import RetryPolicy, send_files
-from app.node.state import OutboxItem, State
+from app.node.store.outbox import OutboxItem, OutboxStore
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Outbox:
 
     def __init__(
         self,
-        state: State,
+        store: OutboxStore,
         data_dir: Path,
         policy: RetryPolicy,
         *,
@@ -78,7 +78,7 @@ class Outbox:
         tls: TlsConfig | None = None,
         sender: Callable[..., Any] = send_files,
     ) -> None:
-        self.state = state
+        self.store = store
         self.data_dir = Path(data_dir)
         self.policy = policy
         self.calling_ae = calling_ae
@@ -91,7 +91,7 @@ class Outbox:
     def run_once(self, now: float | None = None) -> int:
         """Send every due row (grouped per destination, one association each); returns rows handled."""
         now = time.time() if now is None else now
-        items = self.state.due_outbox(now=now)
+        items = self.store.due(now=now)
         by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in items:
             by_dest[item.destination].append(item)
@@ -109,18 +109,18 @@ class Outbox:
             result = by_path.get(path)
             attempt = item.attempts + 1
             if result is not None and result.delivered:
-                self.state.outbox_result(item, True, f"stored by {dest}", next_attempt_at=None, now=now)
+                self.store.result(item, True, f"stored by {dest}", next_attempt_at=None, now=now)
                 self.sent += 1
                 continue
             detail = (result.error if result is not None else None) or str(report.error or "not sent")
             transient = result.transient if result is not None else bool(report.transient)
             if transient and not self.policy.exhausted(attempt):
                 at = now + self.policy.delay(attempt)
-                self.state.outbox_result(item, False, detail, next_attempt_at=at, now=now)
+                self.store.result(item, False, detail, next_attempt_at=at, now=now)
                 logger.warning("send of %s to %s failed (attempt %d), retry in %.0f s: %s",
                                item.sop_uid, dest, attempt, at - now, detail)  # fmt: skip
             else:
-                self.state.outbox_result(item, False, detail, next_attempt_at=None, now=now)
+                self.store.result(item, False, detail, next_attempt_at=None, now=now)
                 self.failed += 1
                 logger.error("send of %s to %s failed after %d attempt(s), kept as failed: %s",
                              item.sop_uid, dest, attempt, detail)  # fmt: skip
@@ -141,13 +141,13 @@ class Outbox:
                 self.run_once()
             except Exception:  # noqa: BLE001 - same as run(): logged, the rows stay pending
                 logger.exception("outbox pass failed")
-            counts = self.state.outbox_counts()
+            counts = self.store.counts()
             if on_pass is not None:
                 on_pass(counts)
             left = deadline - time.monotonic()
             if not counts.get("pending") or left <= 0:
                 return counts
-            due = self.state.next_outbox_due()
+            due = self.store.next_due()
             wait = poll_interval_s if due is None else max(due - time.time(), 0.0)
             time.sleep(min(max(wait, 0.05), left))
 

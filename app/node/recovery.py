@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from app.node.spool import Spool, sha256_file
-from app.node.state import InstanceRecord, State
+from app.node.store import InstanceRecord, NodeStore
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +34,15 @@ class RecoveryReport:
     unreadable: int
 
 
-def recover(state: State, spool: Spool, *, late_policy: str = "reprocess") -> RecoveryReport:
+def recover(store: NodeStore, spool: Spool, *, late_policy: str = "reprocess") -> RecoveryReport:
     """Bring the state in line with the spool (idempotent; run before the receiver starts)."""
     from pydicom.filereader import read_file_meta_info
 
     from app.dimse.receiver import describe_instance, read_header
 
     removed = spool.clean_temporaries()
-    requeued = state.requeue_interrupted()
-    known = {r["path"] for r in state.query("SELECT path FROM instances")}
+    requeued = store.jobs.requeue_interrupted()
+    known = store.studies.paths()
     adopted = unreadable = 0
     for path in spool.files():
         rel = spool.relpath(path)
@@ -50,16 +50,16 @@ def recover(state: State, spool: Spool, *, late_policy: str = "reprocess") -> Re
             continue
         try:
             ts = str(read_file_meta_info(path).get("TransferSyntaxUID", ""))
-            fields = describe_instance(read_header(path), ts, RECOVERED_AE)
-            if spool.relpath(spool.path_for(fields["study_uid"], fields["sop_uid"])) != rel:
+            instance = describe_instance(read_header(path), ts, RECOVERED_AE)
+            if spool.relpath(spool.path_for(instance.study_uid, instance.sop_uid)) != rel:
                 raise ValueError("file name does not match its UIDs")
         except Exception as exc:  # noqa: BLE001 - leave it in place, say so, go on
             unreadable += 1
             logger.error("spool file %s cannot be adopted: %s", rel, exc)
-            state.add_error("recovery", f"spool file {rel} cannot be adopted: {exc}")
+            store.journal.add_error("recovery", f"spool file {rel} cannot be adopted: {exc}")
             continue
-        rec = InstanceRecord(**fields, path=rel, size=path.stat().st_size, sha256=sha256_file(path))
-        state.record_instance(rec, late_policy=late_policy)
+        rec = InstanceRecord(**vars(instance), path=rel, size=path.stat().st_size, sha256=sha256_file(path))
+        store.studies.record(rec, late_policy=late_policy)
         adopted += 1
     report = RecoveryReport(removed, requeued, adopted, unreadable)
     if removed or requeued or adopted or unreadable:

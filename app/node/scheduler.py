@@ -9,7 +9,7 @@ Late arrivals (a CT instance for a study already complete, processing or done) f
 ``completion.late_arrivals``: ``reprocess`` sends the study back to *receiving* with a new
 generation, so it is processed again one quiet period later and results of the superseded run are
 not sent; ``ignore`` keeps the instance in the spool and only logs. Both are logged with the UIDs
-(see :meth:`app.node.state.State.record_instance`, which applies the policy in the same
+(see :meth:`app.node.store.StudyStore.record`, which applies the policy in the same
 transaction that records the instance).
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from app.node.state import State
+from app.node.store import StudyStore
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +25,10 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     """Turns quiet studies into queued jobs (one transaction per tick)."""
 
-    def __init__(self, state: State, quiet_period_s: float) -> None:
-        self.state = state
+    def __init__(self, studies: StudyStore, quiet_period_s: float) -> None:
+        self.studies = studies
         self.quiet_period_s = quiet_period_s
 
     def tick(self, now: float | None = None) -> list[int]:
         """Queue jobs for every study quiet for the period; returns the new job ids."""
-        return self.state.complete_quiet_studies(self.quiet_period_s, now=now)
+        return self.studies.complete_quiet(self.quiet_period_s, now=now)

@@ -22,11 +22,12 @@ from typing import Any
 
 from app.node.config import NodeConfig
 from app.node.health import HealthServer, prometheus_text
+from app.node.inbox import Inbox
 from app.node.outbox import Outbox
 from app.node.recovery import RecoveryReport, recover
 from app.node.scheduler import Scheduler
 from app.node.spool import Spool
-from app.node.state import State
+from app.node.store import NodeStore
 from app.node.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -67,13 +68,13 @@ class NodeService:
 
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.state = State(self.data_dir / "state.sqlite")
+        self.store = NodeStore(self.data_dir / "state.sqlite")
         self.spool = Spool(self.data_dir / "spool")
-        self.recovery = recover(self.state, self.spool, late_policy=cfg.completion.late_arrivals)
-        self.scheduler = Scheduler(self.state, cfg.completion.quiet_period_s)
+        self.recovery = recover(self.store, self.spool, late_policy=cfg.completion.late_arrivals)
+        self.scheduler = Scheduler(self.store.studies, cfg.completion.quiet_period_s)
         r = cfg.outbox.retry
         self.outbox = Outbox(
-            self.state,
+            self.store.outbox,
             self.data_dir,
             RetryPolicy(r.max_attempts, r.initial_delay_s, r.factor, r.max_delay_s),
             calling_ae=cfg.outbox.calling_ae,
@@ -90,11 +91,9 @@ class NodeService:
                 accept_any_caller=rc.accept_any_caller,
                 max_pdu=rc.max_pdu,
                 max_associations=rc.max_associations,
-                late_policy=cfg.completion.late_arrivals,
                 tls=tls_config(rc.tls),
             ),
-            self.spool,
-            self.state,
+            Inbox(self.spool, self.store, late_policy=cfg.completion.late_arrivals),
         )
         if not rc.allowed_callers and not rc.accept_any_caller:
             logger.warning("receiver.allowed_callers is empty: every association will be rejected")
@@ -112,7 +111,7 @@ class NodeService:
 
         app_config = AppConfig.load(Path(cfg.worker.app_config) if cfg.worker.app_config else None)
         self.worker = Worker(
-            self.state,
+            self.store,
             self.data_dir,
             Pipeline(Path(cfg.worker.model), app_config),
             destinations=list(cfg.outbox.destinations),
@@ -137,13 +136,13 @@ class NodeService:
 
     def ready(self) -> bool:
         try:
-            self.state.query("SELECT 1")
+            self.store.db.ping()
         except Exception:  # noqa: BLE001
             return False
         return self.receiver is not None and self.receiver.running and not self.stop_event.is_set()
 
     def metrics(self) -> str:
-        return prometheus_text(self.state.counts(), dict(self.receiver.counters))
+        return prometheus_text(self.store.counts(), dict(self.receiver.counters))
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -168,14 +167,12 @@ class NodeService:
             return 0
         age = 0.0 if sp.retention == "delete" else sp.keep_days * 86400.0
         removed = 0
-        for study in self.state.query(
-            "SELECT study_uid FROM studies WHERE state='done' AND updated_at<=?", (now - age,)
-        ):
-            folder = self.spool.study_dir(study["study_uid"])
+        for study_uid in self.store.studies.done_before(now - age):
+            folder = self.spool.study_dir(study_uid)
             if folder.exists():
-                self.spool.remove_study(study["study_uid"])
+                self.spool.remove_study(study_uid)
                 removed += 1
-                logger.info("spool of study %s removed (retention %s)", study["study_uid"], sp.retention)
+                logger.info("spool of study %s removed (retention %s)", study_uid, sp.retention)
         return removed
 
     def request_stop(self, *_: Any) -> None:
@@ -195,7 +192,7 @@ class NodeService:
             self.health.stop()
         if getattr(self, "worker", None) is not None:
             self.worker.pipeline.close()
-        self.state.close()
+        self.store.close()
         logger.info("node stopped")
 
     def serve_forever(self) -> None:

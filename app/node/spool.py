@@ -9,6 +9,10 @@ does the receiver commit the database row and return success (see :mod:`app.dims
 All file-system calls go through :class:`DurableFs` so tests can spy on their order and inject
 failures (disk full, crash at each step) without a special file system.
 
+Concurrent writers into one folder (a study arriving on several associations) share the folder's
+fsync (:class:`_FolderSync`): a writer returns only after an fsync of the folder that *started*
+after its own rename, so its name is durable, but one fsync can cover every rename before it.
+
 Layout: ``spool/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` (UIDs are ``[0-9.]``, safe as names);
 temporary files are ``.<SOPInstanceUID>.<random>.tmp`` in the same folder (same file system, so the
 rename is atomic) and removed at start-up.
@@ -22,7 +26,8 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +89,53 @@ def check_uid(uid: str, what: str) -> str:
     return uid
 
 
+class _FolderSync:
+    """Group fsync of a folder: :meth:`after_rename` returns once an fsync of ``folder`` that began
+    after the caller's rename has succeeded (the first caller runs it at once; callers arriving
+    meanwhile are covered by the next one). When an fsync fails, its caller raises and every caller
+    it would have covered runs one of its own."""
+
+    def __init__(self, fsync_dir: Callable[[Path], None]) -> None:
+        self._fsync_dir = fsync_dir
+        self._cond = threading.Condition()
+        self._renamed: dict[Path, int] = {}  # renames done, per folder
+        self._synced: dict[Path, int] = {}  # renames covered by a successful fsync
+        self._running: set[Path] = set()
+        self._users: dict[Path, int] = {}  # callers inside, per folder (a folder's entries go with the last)
+
+    def after_rename(self, folder: Path) -> None:
+        with self._cond:
+            self._users[folder] = self._users.get(folder, 0) + 1
+            ticket = self._renamed[folder] = self._renamed.get(folder, 0) + 1
+        try:
+            self._wait_or_sync(folder, ticket)
+        finally:
+            with self._cond:
+                self._users[folder] -= 1
+                if not self._users[folder]:
+                    for table in (self._users, self._renamed, self._synced):
+                        table.pop(folder, None)
+
+    def _wait_or_sync(self, folder: Path, ticket: int) -> None:
+        with self._cond:
+            while folder in self._running and self._synced.get(folder, 0) < ticket:
+                self._cond.wait()
+            if self._synced.get(folder, 0) >= ticket:
+                return
+            self._running.add(folder)
+            target = self._renamed[folder]
+        ok = False
+        try:
+            self._fsync_dir(folder)
+            ok = True
+        finally:
+            with self._cond:
+                if ok:
+                    self._synced[folder] = max(self._synced.get(folder, 0), target)
+                self._running.discard(folder)
+                self._cond.notify_all()
+
+
 class Spool:
     """Durable storage of received instances under one root folder."""
 
@@ -91,6 +143,7 @@ class Spool:
         self.root = Path(root)
         self.fs = fs or DurableFs()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._folder_sync = _FolderSync(lambda folder: self.fs.fsync_dir(folder))
 
     def study_dir(self, study_uid: str) -> Path:
         return self.root / check_uid(study_uid, "StudyInstanceUID")
@@ -116,7 +169,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self.fs.fsync_dir(folder)
+        self._folder_sync.after_rename(folder)
         return SpooledFile(final, self.relpath(final), len(data), hashlib.sha256(data).hexdigest())
 
     def relpath(self, path: Path) -> str:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from app.node.outbox import result_outputs
-from app.node.state import Job, State
+from app.node.store import Job, NodeStore
 from app.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
@@ -35,14 +35,14 @@ class Worker:
 
     def __init__(
         self,
-        state: State,
+        store: NodeStore,
         data_dir: Path,
         pipeline: Pipeline,
         *,
         destinations: list[str],
         max_attempts: int = 3,
     ) -> None:
-        self.state = state
+        self.store = store
         self.data_dir = Path(data_dir)
         self.spool_dir = self.data_dir / "spool"
         self.work_dir = self.data_dir / "work"
@@ -54,7 +54,7 @@ class Worker:
 
     def run_next(self) -> Job | None:
         """Run the oldest queued job, if any; returns it (None when the queue is empty)."""
-        job = self.state.claim_job()
+        job = self.store.jobs.claim()
         if job is None:
             return None
         self.busy_since = time.monotonic()
@@ -68,16 +68,13 @@ class Worker:
         folder = self.work_dir / str(job.id)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        rows = self.state.query(
-            "SELECT sop_uid, path FROM instances WHERE study_uid=? AND own_output=0", (job.study_uid,)
-        )
-        for row in rows:
-            src = self.spool_dir / row["path"]
+        for sop_uid, path in self.store.studies.inputs(job.study_uid):
+            src = self.spool_dir / path
             try:
                 os.link(src, folder / src.name)
             except FileNotFoundError:
                 logger.warning(
-                    "instance %s of study %s is no longer in the spool", row["sop_uid"], job.study_uid
+                    "instance %s of study %s is no longer in the spool", sop_uid, job.study_uid
                 )
             except OSError:
                 shutil.copy2(src, folder / src.name)  # another file system: copy
@@ -93,7 +90,7 @@ class Worker:
             summaries = self.pipeline.run_folder(folder, output)
         except Exception as exc:  # noqa: BLE001 - any pipeline error is this job's failure
             logger.exception("job %d (study %s) raised", job.id, job.study_uid)
-            state = self.state.fail_attempt(
+            state = self.store.jobs.fail_attempt(
                 job, f"{type(exc).__name__}: {exc}", max_attempts=self.max_attempts
             )
             logger.error("job %d: %s", job.id, state)
@@ -108,7 +105,7 @@ class Worker:
                 "files": {},
             }
         outputs = result_outputs(summary, output, self.data_dir) if summary["outcome"] == "processed" else []
-        final = self.state.finish_job(
+        final = self.store.jobs.finish(
             job,
             summary["outcome"],
             summary.get("reason") or "",
