@@ -87,7 +87,7 @@ def pretrain_backbone(
     seconds = time.perf_counter() - t0
     logger.info("pretext warm start: %d steps on %d images, loss %.3f → %.3f (%.0f s)",
                 cfg.steps, x_all.shape[0], first, last, seconds)  # fmt: skip
-    return PretextResult(asdict(cfg), int(x_all.shape[0]), round(first, 4), round(last, 4), round(seconds, 1))
+    return PretextResult(cfg.to_dict(), int(x_all.shape[0]), round(first, 4), round(last, 4), round(seconds, 1))
 
 
 def _fit(
