@@ -114,8 +114,6 @@ def test_cpu_session_runs_a_model() -> None:
 # inside functions (lazy), under ``if TYPE_CHECKING``, ``from x import y`` and
 # ``importlib.import_module("x")`` / ``__import__("x")`` with a literal name.
 
-PACKAGES = ("app", "operators", "training", "synth")
-
 #: The part of ``operators`` that ``training`` may import, and why (docs/architecture.md, Walls).
 #: Training meets serving through the model manifest and the shared preprocessing, plus the served
 #: runner where training must score an exported model the way the node runs it.
