@@ -71,6 +71,26 @@ class Settings(BaseModel):
         coerce_numbers_to_str=True,
     )
 
+    def __init__(self, /, *args: Any, **data: Any) -> None:
+        """Keyword arguments as usual, positional ones in field order (``TlsConfig(cert, key, ca)``);
+        a bad value raises :class:`SettingsError` with the same one-line message as :meth:`from_dict`."""
+        if args:
+            names = list(type(self).model_fields)
+            if len(args) > len(names):
+                raise TypeError(f"{type(self).__name__} takes at most {len(names)} positional arguments")
+            for name, value in zip(names, args, strict=False):
+                if name in data:
+                    raise TypeError(f"{type(self).__name__} got {name!r} twice")
+                data[name] = value
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:  # one line, as from_dict says it
+            raise SettingsError(explain(exc, type(self), type(self).section)) from None
+
+    # Validation of nested sections and from_dict must not go through this __init__ (it would wrap
+    # their errors twice): the flag pydantic's own RootModel.__init__ carries for the same reason.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
     #: How this section is named in messages (``series-selection``); "" for a whole file.
     section: ClassVar[str] = ""
     #: How keys are written in this model's files: ``-`` (app.yaml, node files) or ``_`` (recipes).
@@ -170,6 +190,7 @@ def _message(error: Any) -> str:
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
     if kind in bounds:
         bound = next(iter(ctx.values()), "?")
+        bound = format(bound, "g") if isinstance(bound, float) else bound
         return f"must be {bounds[kind]} {bound}{got}"
     if kind == "too_short":
         return f"expected at least {ctx.get('min_length')} value(s), got {ctx.get('actual_length')}"
@@ -273,11 +294,11 @@ def env_key(model: type[BaseModel], rest: str) -> str | None:
             tail = env_key(sub, lower[len(name) + 1 :])
             if tail is not None:
                 return f"{name}.{tail}"
-    return (
-        lower
-        if lower in model.model_fields and _settings_type(model.model_fields[lower].annotation) is None
-        else None
-    )
+    for name, field in model.model_fields.items():
+        key = _norm(field.alias or name)  # the key files use (``logging.json`` for ``as_json``)
+        if lower in (name, key) and _settings_type(field.annotation) is None:
+            return key
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
+from app.dimse.receiver import DicomReceiver, ReceiverOptions
 from app.node.inbox import Inbox
 from app.node.spool import DurableFs, Spool
 from app.node.store import NodeStore
@@ -144,7 +144,7 @@ def receiver(folder: Path, *, fs: DurableFs | None = None, allowed: tuple[str, .
     spool = Spool(folder / "spool", fs=fs)
     store = NodeStore(folder / "state.sqlite")
     rx = DicomReceiver(
-        ReceiverOptions(ae_title="HYPERCT", bind=LOOPBACK, port=free_port(), allowed_callers=parse_callers(allowed)),
+        ReceiverOptions(ae_title="HYPERCT", bind=LOOPBACK, port=free_port(), allowed_callers=allowed),
         Inbox(spool, store, late_policy=late_policy), store_handler=store_handler,
     )  # fmt: skip
     if store_handler is not None and hasattr(store_handler, "counters"):

@@ -48,3 +48,24 @@ def test_typos_are_refused_by_name(tmp_path: Path, text: str, message: str) -> N
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         AppConfig.load(tmp_path / "nope.yaml")
+
+
+def test_one_settings_layer_for_every_file() -> None:
+    """operators.settings: the shared rules (aliases, strict keys, one-line messages, overrides)."""
+    from operators.settings import SettingsError, WriterOptions, env_key, names_setting, set_dotted
+
+    assert WriterOptions.from_dict({"text-report": False}) == WriterOptions.from_dict({"text_report": False})
+    assert WriterOptions(False) == WriterOptions(seg=False)  # positional: in field order
+    with pytest.raises(SettingsError, match="'text_report' is given twice"):
+        WriterOptions.from_dict({"text-report": False, "text_report": True})
+    with pytest.raises(SettingsError, match=r"^outputs\.seg: expected true or false, got 'maybe'$"):
+        WriterOptions.from_dict({"seg": "maybe"})
+    with pytest.raises(SettingsError, match=r"^outputs\.segmentation_type: must be BINARY or FRACTIONAL"):
+        WriterOptions(segmentation_type="LABELMAP")  # direct construction says it the same way
+    data: dict = {"series-selection": {"min-slices": 10}}
+    set_dotted(data, "series_selection.min_slices", 20)  # replaces the hyphenated key, no duplicate
+    assert data == {"series-selection": {"min-slices": 20}}
+    assert AppConfig.from_dict(data).series_selection.min_slices == 20
+    assert env_key(AppConfig, "SERIES_SELECTION_MIN_SLICES") == "series_selection.min_slices"
+    assert env_key(AppConfig, "SERIES_SELECTION_NOPE") is None
+    assert names_setting(AppConfig, "inference.device") and not names_setting(AppConfig, "inference")

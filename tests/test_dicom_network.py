@@ -3,6 +3,7 @@ pynetdicom SCP with a throwaway CA) and the TCP_NODELAY patch on real associatio
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -12,7 +13,14 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationServer, AssociationSocket
 
-from app.dimse.network import RemoteNode, TlsConfig, enable_tcp_nodelay, validate_ae_title
+from app.dimse.network import (
+    AllowedCaller,
+    RemoteNode,
+    TlsConfig,
+    enable_tcp_nodelay,
+    parse_address,
+    validate_ae_title,
+)
 from app.dimse.sender import echo, send_files
 from tests.dicom_fixtures import ct_series, write_series
 from tests.peers import LOOPBACK, PyStoreSCP, TlsFiles, free_port, make_tls_files
@@ -69,6 +77,45 @@ def test_str_and_tls() -> None:
 def test_parse_errors_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
         RemoteNode.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "ae", "host"),
+    [
+        ("PACS", "PACS", None),
+        (" PACS @10.0.0.5", "PACS", "10.0.0.5"),
+        ("MOD@[::1]", "MOD", "::1"),
+        ("A@h.example", "A", "h.example"),
+    ],
+)
+def test_allowed_caller_uses_the_same_parser(text: str, ae: str, host: str | None) -> None:
+    caller = AllowedCaller.parse(text)
+    assert (caller.ae_title, caller.host) == (ae, host)
+    assert AllowedCaller.parse(str(caller)) == caller
+    assert caller.matches(f"{ae} ", host or "192.0.2.1") and not caller.matches("OTHER", host or "x")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("PACS@::1", "write IPv6 hosts in brackets, AE@[addr]"),
+        ("PACS@host:104", "has a port: an allow-list entry is AE or AE@host"),
+        ("PACS@host name", "contains spaces"),
+        ("PACS@", "has no host"),
+        ("SEVENTEEN_CHARS_A", "at most 16"),
+        ("PACS@[::1", "IPv6 host must be written [addr]"),
+    ],
+)
+def test_allowed_caller_errors_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        AllowedCaller.parse(text)
+
+
+def test_parse_address_is_the_one_parser() -> None:
+    assert parse_address("PACS@[fe80::1]:104", port=True) == ("PACS", "fe80::1", 104)
+    assert parse_address("PACS", port=False) == ("PACS", None, None)
+    with pytest.raises(ValueError, match="host 'a b' is empty or contains spaces"):
+        RemoteNode.parse("PACS@a b:104")
 
 
 def test_constructor_validates_too() -> None:

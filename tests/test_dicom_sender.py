@@ -315,11 +315,11 @@ def test_retry_policy_custom_and_validation() -> None:
     assert policy.exhausted(3) and not policy.exhausted(2)
     with pytest.raises(ValueError, match="attempt is 1-based"):
         policy.delay(0)
-    with pytest.raises(ValueError, match="max_attempts must be >= 1"):
+    with pytest.raises(ValueError, match="max_attempts: must be >= 1, got 0"):
         RetryPolicy(max_attempts=0)
-    with pytest.raises(ValueError, match="factor must be >= 1"):
+    with pytest.raises(ValueError, match="factor: must be >= 1, got 0.5"):
         RetryPolicy(factor=0.5)
-    with pytest.raises(ValueError, match="jitter must be in"):
+    with pytest.raises(ValueError, match="jitter: must be < 1, got 1.5"):
         RetryPolicy(jitter=1.5)
 
 

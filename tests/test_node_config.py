@@ -3,6 +3,7 @@ spool retention, and the outbox classification — without a model."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.dimse.network import RemoteNode, TlsConfig
-from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
+from app.dimse.receiver import DicomReceiver, ReceiverOptions
 from app.dimse.sender import RetryPolicy, send_files
 from app.node.config import NodeConfig
 from app.node.inbox import Inbox
@@ -21,6 +22,7 @@ from app.node.outbox import Outbox
 from app.node.service import NodeService
 from app.node.spool import Spool
 from app.node.store import InstanceRecord, NodeStore
+from operators.settings import SettingsError
 from tests.dicom_fixtures import ct_series, write_series
 from tests.node_fixtures import SCU_AE
 from tests.peers import LOOPBACK, free_port, make_tls_files
@@ -46,7 +48,7 @@ def test_file_then_environment_then_cli(tmp_path: Path) -> None:
     cfg = NodeConfig.load(path, environ=env, overrides={"receiver.port": 3000, "receiver.ae_title": None})
     assert cfg.receiver.port == 3000
     assert cfg.receiver.ae_title == "HYPERCT"
-    assert cfg.receiver.allowed_callers == ["A", "B@127.0.0.1"]
+    assert [str(c) for c in cfg.receiver.allowed_callers] == ["A", "B@127.0.0.1"]
     assert cfg.completion.quiet_period_s == 5.0 and cfg.completion.late_arrivals == "ignore"
     assert cfg.outbox.retry.max_attempts == 3 and cfg.outbox.retry.initial_delay_s == 1.5
     assert NodeConfig.load(path, environ=env).receiver.port == 2000
@@ -60,6 +62,8 @@ def test_file_then_environment_then_cli(tmp_path: Path) -> None:
         ({"node": {"receiver": {"prot": 1}}}, "unknown key 'prot'"),
         ({"node": {"completion": {"late-arrivals": "maybe"}}}, "reprocess or ignore"),
         ({"node": {"outbox": {"destinations": ["nowhere"]}}}, "AE@host:port"),
+        ({"node": {"receiver": {"allowed-callers": ["A@host:104"]}}}, "an allow-list entry is AE or AE@host"),
+        ({"node": {"logging": {"level": "LOUD"}}}, "node.logging.level: must be DEBUG, INFO"),
     ],
 )
 def test_bad_settings_are_refused_by_name(tmp_path: Path, data: dict, message: str) -> None:
@@ -69,6 +73,47 @@ def test_bad_settings_are_refused_by_name(tmp_path: Path, data: dict, message: s
         NodeConfig.load(path, environ={})
     with pytest.raises(ValueError, match="unknown setting"):
         NodeConfig.load(None, environ={"HYPERCT_NODE_RECEIVER_NOPE": "1"})
+
+
+@pytest.mark.parametrize(
+    ("destination", "message"),
+    [
+        ("PACS@host name:104", "host 'host name' is empty or contains spaces"),
+        ("PACS@::1:104", "write IPv6 hosts in brackets, AE@[addr]:port"),
+        ("PACS@[::1]104", "IPv6 host must be written [addr]:port"),
+        ("PACS@host:0", "port 0 is outside 1-65535"),
+    ],
+)
+def test_a_destination_the_sender_cannot_use_is_refused_when_the_config_loads(
+    tmp_path: Path, destination: str, message: str
+) -> None:
+    """One parser: what the node file accepts is what the outbox can send to (#12: the node once
+    accepted these, and every outbox pass then raised, leaving later destinations unsent)."""
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"node": {"outbox": {"destinations": ["GOOD@127.0.0.1:104", destination]}}}))
+    with pytest.raises(SettingsError, match=r"node\.outbox\.destinations\[1\]: .*" + re.escape(message)):
+        NodeConfig.load(path, environ={})
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        NodeConfig.load(None, environ={"HYPERCT_NODE_OUTBOX_DESTINATIONS": f'["{destination}"]'})
+    bad = CliRunner().invoke(cli, ["serve", "--print-config", "-d", destination])
+    assert bad.exit_code == 2 and message in bad.output
+
+
+def test_addresses_are_parsed_once_and_print_back() -> None:
+    cfg = NodeConfig.load(
+        None,
+        environ={"HYPERCT_NODE_RECEIVER_ALLOWED_CALLERS": "PACS, MOD@[::1]"},
+        overrides={"outbox.destinations": ["PACS@[::1]:104", "ARCHIVE@pacs.example:11112"]},
+    )
+    assert [(d.ae_title, d.host, d.port) for d in cfg.outbox.destinations] == [
+        ("PACS", "::1", 104),
+        ("ARCHIVE", "pacs.example", 11112),
+    ]
+    assert [(c.ae_title, c.host) for c in cfg.receiver.allowed_callers] == [("PACS", None), ("MOD", "::1")]
+    printed = cfg.to_dict()
+    assert printed["outbox"]["destinations"] == ["PACS@[::1]:104", "ARCHIVE@pacs.example:11112"]
+    assert printed["receiver"]["allowed_callers"] == ["PACS", "MOD@[::1]"]
+    assert NodeConfig.from_dict(printed) == cfg  # --print-config output loads back unchanged
 
 
 def test_serve_help_explains_every_option_and_prints_config(tmp_path: Path) -> None:
@@ -93,7 +138,7 @@ def test_tls_receiver_with_mutual_authentication(tmp_path: Path) -> None:
     spool, state = Spool(tmp_path / "spool"), NodeStore(tmp_path / "state.sqlite")
     server_tls = TlsConfig(tls.server_cert, tls.server_key, tls.ca, require_client_cert=True)
     rx = DicomReceiver(
-        ReceiverOptions(port=free_port(), allowed_callers=parse_callers([SCU_AE]), tls=server_tls),
+        ReceiverOptions(port=free_port(), allowed_callers=[SCU_AE], tls=server_tls),
         Inbox(spool, state),
     )
     rx.start()
@@ -199,6 +244,35 @@ def test_outbox_retries_transient_and_fails_permanent_errors(tmp_path: Path) -> 
     )  # exhausted
     assert state.studies.rows()[0]["state"] == "failed"
     assert calls == ["A", "B", "A"]
+    state.close()
+
+
+def test_outbox_sends_to_the_good_destinations_when_one_is_bad(tmp_path: Path) -> None:
+    """A row whose destination cannot be parsed (queued before configurations refused it) fails
+    alone, permanently; the same pass still delivers to the destinations before and after it."""
+    from app.dimse.sender import FileResult, SendReport
+
+    state, spool = NodeStore(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    _record(state, spool, "1.2.3", "1.2.3.4")
+    state.studies.complete_quiet(0.0, now=time.time() + 1)
+    job = state.jobs.claim()
+    assert job is not None
+    destinations = ["A@127.0.0.1:1", "BAD@host name:104", "C@[::1]:3"]
+    state.jobs.finish(job, "processed", "", "results", [("1.2.3.9", "results/SR.dcm")], destinations)
+    calls: list[str] = []
+
+    def sender(node: RemoteNode, paths: list[Path], **_: object) -> SendReport:
+        calls.append(str(node))
+        return SendReport(node, tuple(FileResult(p, "1.2.3.9", None, None, 0x0000) for p in paths))
+
+    outbox = Outbox(state.outbox, tmp_path, RetryPolicy(), sender=sender)
+    assert outbox.run_once() == 3
+    assert calls == ["A@127.0.0.1:1", "C@[::1]:3"]
+    rows = {r["destination"]: dict(r) for r in state.db.query("SELECT * FROM outbox")}
+    assert rows["A@127.0.0.1:1"]["state"] == "sent" and rows["C@[::1]:3"]["state"] == "sent"
+    assert rows["BAD@host name:104"]["state"] == "failed"
+    assert "contains spaces" in rows["BAD@host name:104"]["last_error"]
+    assert (outbox.sent, outbox.failed) == (2, 1)
     state.close()
 
 

@@ -77,5 +77,5 @@ def serve(
         raise typer.Exit(0)
     from app.node.service import NodeService, configure_logging
 
-    configure_logging(cfg.logging.level, cfg.logging.json)
+    configure_logging(cfg.logging.level, cfg.logging.as_json)
     NodeService(cfg).serve_forever()

@@ -5,7 +5,12 @@
   stalls ~40 ms on the delayed ACK: 23 s instead of 4 s for a 300-slice series).
 - :class:`TlsConfig`: DICOM TLS (certificate, key, CA, optional mutual authentication) as
   :class:`ssl.SSLContext` objects for pynetdicom's ``ssl_context`` / ``tls_args``.
-- :class:`RemoteNode`: a peer AE (``AE@host:port``), validated once where it is configured.
+- :class:`RemoteNode`: a peer AE (``AE@host:port``), and :class:`AllowedCaller`, an allow-list entry
+  (``AE`` or ``AE@host``): the one address syntax of the node file, the CLI (``--destination``,
+  ``--allow``, ``--from-pacs``, ``--send-to``) and the sender, read by one parser
+  (:func:`parse_address`) and validated once, where it is configured. IPv6 hosts are written in
+  brackets (``PACS@[::1]:104``); ``PACS@::1:104`` is refused, not guessed at. Both are pydantic
+  field types: a configuration holds the parsed values and prints them back as text.
 """
 
 from __future__ import annotations
@@ -18,11 +23,24 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator
+
+from operators.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["RemoteNode", "TlsConfig", "enable_tcp_nodelay", "set_tcp_nodelay", "validate_ae_title"]
+__all__ = [
+    "AETitle",
+    "AllowedCaller",
+    "RemoteNode",
+    "TlsConfig",
+    "enable_tcp_nodelay",
+    "parse_address",
+    "set_tcp_nodelay",
+    "validate_ae_title",
+]
 
 _NODELAY_LOCK = threading.Lock()
 _NODELAY_MARK = "_hyperct_tcp_nodelay"
@@ -109,20 +127,27 @@ def _readable(path: Path | None, what: str) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class TlsConfig:
+class TlsConfig(Settings):
     """DICOM TLS settings (PS3.15 Annex B): our certificate and key, the CA that signs peers.
 
     ``require_client_cert`` makes the server demand and verify a client certificate (mutual
     authentication). ``verify_hostname`` checks the server certificate against the host we connect
-    to; turn it off only where hospital certificates do not name the host.
+    to; turn it off only where hospital certificates do not name the host. The node file's
+    ``receiver.tls`` and ``outbox.tls`` sections are this model.
     """
+
+    section: ClassVar[str] = "tls"
 
     certificate: Path | None = None
     key: Path | None = None
     ca: Path | None = None
     require_client_cert: bool = False
     verify_hostname: bool = True
+
+    @property
+    def configured(self) -> bool:
+        """Anything to do: our certificate and key, or a CA to verify peers with."""
+        return bool((self.certificate and self.key) or self.ca)
 
     def server_context(self) -> ssl.SSLContext:
         """Context for an SCP (``AE.start_server(..., ssl_context=...)``)."""
@@ -202,12 +227,82 @@ def validate_ae_title(ae_title: str, what: str = "AE title") -> str:
     return value
 
 
+#: An AE title field of a configuration: validated (and stripped) by :func:`validate_ae_title`.
+AETitle = Annotated[str, AfterValidator(validate_ae_title)]
+
+
 def _validate_port(port: object, what: str = "port") -> int:
     if isinstance(port, bool) or not isinstance(port, int):
         raise ValueError(f"{what} must be an integer, not {port!r}")
     if not 1 <= port <= 65535:
         raise ValueError(f"{what} {port} is outside 1-65535")
     return port
+
+
+def _validate_host(host: object, what: str = "host") -> str:
+    if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host):
+        raise ValueError(f"{what} {host!r} is empty or contains spaces")
+    return host
+
+
+def parse_address(text: str, *, port: bool) -> tuple[str, str | None, int | None]:
+    """``AE@host:port`` (``port=True``) or ``AE`` / ``AE@host`` (``port=False``) → (AE, host, port).
+
+    The one parser of peer addresses. IPv6 hosts go in brackets (``AE@[::1]:104``, ``AE@[::1]``);
+    an unbracketed one is refused because ``AE@::1:104`` cannot be told from a port. Values are
+    checked by :class:`RemoteNode` / :class:`AllowedCaller`; raises ValueError saying what is wrong.
+    """
+    what = "remote node" if port else "allowed caller"
+    form = "AE@host:port" if port else "AE or AE@host"
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be text of the form {form}, not {text!r}")
+    ae, sep, address = text.strip().rpartition("@")
+    if not sep:
+        if port:
+            raise ValueError(f"{what} {text!r} is not of the form {form} (no '@')")
+        return text, None, None
+    port_text = ""
+    if address.startswith("["):
+        host, close, rest = address[1:].partition("]")
+        if not close or (port and not rest.startswith(":")) or (not port and rest):
+            raise ValueError(f"{what} {text!r}: IPv6 host must be written [addr]{':port' if port else ''}")
+        port_text = rest[1:]
+    elif port:
+        host, sep, port_text = address.rpartition(":")
+        if not sep:
+            raise ValueError(f"{what} {text!r} has no port (expected {form})")
+        if ":" in host:
+            raise ValueError(f"{what} {text!r}: write IPv6 hosts in brackets, AE@[addr]:port")
+    else:
+        host = address
+        if ":" in host:
+            head, _, tail = host.rpartition(":")
+            if tail.isdigit() and ":" not in head:
+                raise ValueError(f"{what} {text!r} has a port: an allow-list entry is {form}")
+            raise ValueError(f"{what} {text!r}: write IPv6 hosts in brackets, AE@[addr]")
+    if not host:
+        raise ValueError(f"{what} {text!r} has no host (expected {form})")
+    if not port:
+        return ae, host, None
+    if not port_text.isdigit():
+        raise ValueError(f"{what} {text!r}: port {port_text!r} is not a number")
+    return ae, host, int(port_text)
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _text_schema(cls: Any, parse: Any) -> Any:
+    """Pydantic schema of an address type: parsed from text (or taken as is), written back as text."""
+    from pydantic_core import core_schema
+
+    def validate(value: Any) -> Any:
+        return value if isinstance(value, cls) else parse(value)
+
+    return core_schema.no_info_plain_validator_function(
+        validate, serialization=core_schema.to_string_ser_schema()
+    )
 
 
 @dataclass(frozen=True)
@@ -221,37 +316,56 @@ class RemoteNode:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "called AE title"))
-        if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
-            raise ValueError(f"host {self.host!r} is empty or contains spaces")
+        _validate_host(self.host)
         _validate_port(self.port)
 
     @classmethod
     def parse(cls, text: str, tls: TlsConfig | None = None) -> RemoteNode:
         """Parse ``AE@host:port`` (IPv6 hosts in brackets: ``AE@[::1]:104``)."""
-        ae, sep, address = text.strip().rpartition("@")
-        if not sep:
-            raise ValueError(f"remote node {text!r} is not of the form AE@host:port (no '@')")
-        if address.startswith("["):
-            host, close, rest = address[1:].partition("]")
-            if not close or not rest.startswith(":"):
-                raise ValueError(f"remote node {text!r}: IPv6 host must be written [addr]:port")
-            port_text = rest[1:]
-        else:
-            host, sep, port_text = address.rpartition(":")
-            if not sep:
-                raise ValueError(f"remote node {text!r} has no port (expected AE@host:port)")
-            if ":" in host:
-                raise ValueError(f"remote node {text!r}: write IPv6 hosts in brackets, AE@[addr]:port")
-        if not host:
-            raise ValueError(f"remote node {text!r} has no host (expected AE@host:port)")
-        if not port_text.isdigit():
-            raise ValueError(f"remote node {text!r}: port {port_text!r} is not a number")
-        return cls(ae_title=ae, host=host, port=int(port_text), tls=tls)
+        ae, host, port = parse_address(text, port=True)
+        try:
+            return cls(ae_title=ae, host=host or "", port=port or 0, tls=tls)
+        except ValueError as exc:
+            raise ValueError(f"remote node {text!r}: {exc}") from None
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        return _text_schema(cls, cls.parse)
 
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"  # round-trips through parse()
+        return f"{self.ae_title}@{_format_host(self.host)}:{self.port}"  # round-trips through parse()
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """One allow-list entry: ``AE`` (from any host) or ``AE@host`` (that host only)."""
+
+    ae_title: str
+    host: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "allowed calling AE title"))
+        if self.host is not None:
+            _validate_host(self.host)
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedCaller:
+        ae, host, _ = parse_address(text, port=False)
+        try:
+            return cls(ae, host)
+        except ValueError as exc:
+            raise ValueError(f"allowed caller {text!r}: {exc}") from None
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        return _text_schema(cls, cls.parse)
+
+    def matches(self, ae_title: str, host: str) -> bool:
+        return ae_title.strip() == self.ae_title and (self.host is None or self.host == host)
+
+    def __str__(self) -> str:
+        return self.ae_title if self.host is None else f"{self.ae_title}@{_format_host(self.host)}"

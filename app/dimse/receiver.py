@@ -27,10 +27,11 @@ import io
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
+from pydantic import Field
 from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -52,7 +53,8 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from app.dimse.network import TlsConfig, enable_tcp_nodelay
+from app.dimse.network import AETitle, AllowedCaller, TlsConfig, enable_tcp_nodelay
+from operators.settings import CommaList, Settings
 from operators.uids import is_own_output
 
 logger = logging.getLogger(__name__)
@@ -106,32 +108,23 @@ _HEADER_TAGS = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class AllowedCaller:
-    """One allow-list entry: ``AE`` (from any host) or ``AE@host``."""
+class ReceiverOptions(Settings):
+    """The SCP's settings (the node file's ``receiver`` section).
 
-    ae_title: str
-    host: str | None = None
+    ``allowed_callers``: calling AEs allowed to associate, ``AE`` or ``AE@host`` (host checked too).
+    Empty: nobody, unless ``accept_any_caller`` (for a closed test bench only).
+    """
 
-    @classmethod
-    def parse(cls, text: str) -> AllowedCaller:
-        ae, _, host = text.partition("@")
-        return cls(ae.strip(), host.strip() or None)
+    section: ClassVar[str] = "receiver"
 
-    def matches(self, ae_title: str, host: str) -> bool:
-        return ae_title.strip() == self.ae_title and (self.host is None or self.host == host)
-
-
-@dataclass(frozen=True)
-class ReceiverOptions:
-    ae_title: str = "HYPERCT"
-    bind: str = "127.0.0.1"
-    port: int = 11112
-    allowed_callers: tuple[AllowedCaller, ...] = ()
+    ae_title: AETitle = "HYPERCT"
+    bind: str = "127.0.0.1"  # loopback unless the site opens it on purpose
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
+    allowed_callers: CommaList[AllowedCaller] = ()
     accept_any_caller: bool = False
-    max_pdu: int = 131072
-    max_associations: int = 16
-    tls: TlsConfig | None = None
+    max_pdu: int = Field(131072, ge=0)
+    max_associations: int = Field(16, ge=1)
+    tls: TlsConfig = TlsConfig()
 
 
 @dataclass(frozen=True)
@@ -292,7 +285,7 @@ class DicomReceiver:
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self._store),
         ]
-        ssl_context = self.options.tls.server_context() if self.options.tls is not None else None
+        ssl_context = self.options.tls.server_context() if self.options.tls.configured else None
         self._server = self.make_ae().start_server(
             (self.options.bind, self.options.port),
             block=False,
@@ -320,6 +313,3 @@ class DicomReceiver:
                 self._server.shutdown()
                 self._server = None
 
-
-def parse_callers(entries: Sequence[str]) -> tuple[AllowedCaller, ...]:
-    return tuple(AllowedCaller.parse(e) for e in entries)

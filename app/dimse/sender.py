@@ -16,8 +16,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
+from pydantic import Field
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -31,6 +32,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from app.dimse.network import RemoteNode, enable_tcp_nodelay, validate_ae_title
+from operators.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -129,31 +131,23 @@ class SendReport:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(Settings):
     """Exponential backoff for the outbox: ``initial_delay_s * factor**(attempt-1)``, capped.
 
     ``jitter`` spreads each delay uniformly by ±``jitter`` (a fraction) so that many jobs failing
     together do not retry together; with ``seed`` set the jitter is a pure function of
-    ``(seed, attempt)``, which makes it reproducible (tests, restarts).
+    ``(seed, attempt)``, which makes it reproducible (tests, restarts). The node file's
+    ``outbox.retry`` section is this model.
     """
 
-    max_attempts: int = 8
-    initial_delay_s: float = 10.0
-    factor: float = 2.0
-    max_delay_s: float = 3600.0
-    jitter: float = 0.0
-    seed: int | None = None
+    section: ClassVar[str] = "retry"
 
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, not {self.max_attempts}")
-        if self.initial_delay_s < 0 or self.max_delay_s < 0:
-            raise ValueError("initial_delay_s and max_delay_s must be >= 0")
-        if self.factor < 1:
-            raise ValueError(f"factor must be >= 1, not {self.factor}")
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), not {self.jitter}")
+    max_attempts: int = Field(8, ge=1)
+    initial_delay_s: float = Field(10.0, ge=0)
+    factor: float = Field(2.0, ge=1)
+    max_delay_s: float = Field(3600.0, ge=0)
+    jitter: float = Field(0.0, ge=0, lt=1)
+    seed: int | None = None
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based) before the next one."""

@@ -100,7 +100,16 @@ class Outbox:
         return len(items)
 
     def _send(self, dest: str, group: list[OutboxItem]) -> None:
-        node = RemoteNode.parse(dest, tls=self.tls)
+        try:
+            node = RemoteNode.parse(dest, tls=self.tls)
+        except ValueError as exc:
+            # Configurations refuse such addresses when they load; a row queued before that (or by
+            # hand) fails alone, permanently, and the other destinations of this pass still go out.
+            for item in group:
+                self.store.result(item, False, f"bad destination: {exc}", next_attempt_at=None)
+                self.failed += 1
+            logger.error("outbox: %d send(s) to %r failed: %s", len(group), dest, exc)
+            return
         paths = [self.data_dir / item.path for item in group]
         report = self.sender(node, paths, calling_ae=self.calling_ae, timeout_s=self.timeout_s)
         by_path = {Path(r.path): r for r in report.results}

@@ -35,19 +35,6 @@ logger = logging.getLogger(__name__)
 HOUSEKEEPING_INTERVAL_S = 60.0
 
 
-def tls_config(settings: Any) -> Any:
-    from app.dimse.network import TlsConfig
-
-    if not settings.enabled and not settings.ca:
-        return None
-    return TlsConfig(
-        certificate=Path(settings.certificate) if settings.certificate else None,
-        key=Path(settings.key) if settings.key else None,
-        ca=Path(settings.ca) if settings.ca else None,
-        require_client_cert=settings.require_client_cert,
-    )
-
-
 class NodeService:
     """The node; ``serve_forever()`` is ``hyperct serve``."""
 
@@ -63,8 +50,7 @@ class NodeService:
 
     # ------------------------------------------------------------------------------------------
     def start(self) -> None:
-        from app.dimse.receiver import DicomReceiver, ReceiverOptions, parse_callers
-        from app.dimse.sender import RetryPolicy
+        from app.dimse.receiver import DicomReceiver
 
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -72,29 +58,16 @@ class NodeService:
         self.spool = Spool(self.data_dir / "spool")
         self.recovery = recover(self.store, self.spool, late_policy=cfg.completion.late_arrivals)
         self.scheduler = Scheduler(self.store.studies, cfg.completion.quiet_period_s)
-        r = cfg.outbox.retry
         self.outbox = Outbox(
             self.store.outbox,
             self.data_dir,
-            RetryPolicy(r.max_attempts, r.initial_delay_s, r.factor, r.max_delay_s),
+            cfg.outbox.retry,
             calling_ae=cfg.outbox.calling_ae,
             timeout_s=cfg.outbox.timeout_s,
-            tls=tls_config(cfg.outbox.tls),
+            tls=cfg.outbox.tls if cfg.outbox.tls.configured else None,
         )
         rc = cfg.receiver
-        self.receiver = DicomReceiver(
-            ReceiverOptions(
-                ae_title=rc.ae_title,
-                bind=rc.bind,
-                port=rc.port,
-                allowed_callers=parse_callers(rc.allowed_callers),
-                accept_any_caller=rc.accept_any_caller,
-                max_pdu=rc.max_pdu,
-                max_associations=rc.max_associations,
-                tls=tls_config(rc.tls),
-            ),
-            Inbox(self.spool, self.store, late_policy=cfg.completion.late_arrivals),
-        )
+        self.receiver = DicomReceiver(rc, Inbox(self.spool, self.store, late_policy=cfg.completion.late_arrivals))
         if not rc.allowed_callers and not rc.accept_any_caller:
             logger.warning("receiver.allowed_callers is empty: every association will be rejected")
         self.receiver.start()
@@ -114,7 +87,7 @@ class NodeService:
             self.store,
             self.data_dir,
             Pipeline(Path(cfg.worker.model), app_config),
-            destinations=list(cfg.outbox.destinations),
+            destinations=[str(d) for d in cfg.outbox.destinations],
             max_attempts=cfg.worker.max_job_attempts,
         )
         _ = self.worker.pipeline.runner
