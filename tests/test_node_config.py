@@ -99,6 +99,18 @@ def test_a_destination_the_sender_cannot_use_is_refused_when_the_config_loads(
     assert bad.exit_code == 2 and message in bad.output
 
 
+@pytest.mark.parametrize("option", ["--send-to", "--from-pacs", "--allow"])
+def test_cli_addresses_go_through_the_same_parser(tmp_path: Path, option: str) -> None:
+    bad = "PACS@::1:104" if option != "--allow" else "PACS@::1"
+    args = {
+        "--send-to": ["process", str(tmp_path), str(tmp_path / "out"), "--send-to", bad],
+        "--from-pacs": ["process", str(tmp_path / "out"), "--from-pacs", bad],
+        "--allow": ["serve", "--print-config", "--allow", bad],
+    }[option]
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 2 and "write IPv6 hosts in brackets" in result.output, result.output
+
+
 def test_addresses_are_parsed_once_and_print_back() -> None:
     cfg = NodeConfig.load(
         None,

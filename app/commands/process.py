@@ -33,6 +33,17 @@ def _date(value: str | None) -> str:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _address(option: str, text: str) -> str:
+    """``AE@host:port`` checked by the one address parser (the node file's and the sender's) and
+    written back in its canonical form; a bad one is a usage error naming the option."""
+    from app.dimse.network import RemoteNode
+
+    try:
+        return str(RemoteNode.parse(text))
+    except ValueError as exc:
+        raise typer.BadParameter(f"{option} {text}: {exc}") from None
+
+
 def process(
     archive: Path = typer.Argument(
         None,
@@ -132,19 +143,15 @@ def process(
         )
     except OSError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if from_pacs:
+        from_pacs = _address("--from-pacs", from_pacs)
     send = None
     if send_to:
         from app.batch.send import SendConfig
-        from app.dimse.network import RemoteNode
         from app.dimse.sender import RetryPolicy
 
-        for dest in send_to:
-            try:
-                RemoteNode.parse(dest)
-            except ValueError as exc:
-                raise typer.BadParameter(f"--send-to {dest}: {exc}") from None
         send = SendConfig(
-            destinations=tuple(dict.fromkeys(send_to)),
+            destinations=tuple(dict.fromkeys(_address("--send-to", dest) for dest in send_to)),
             calling_ae=calling_ae,
             retry=RetryPolicy(max_attempts=send_attempts, initial_delay_s=send_retry_delay),
             wait_s=send_wait,
