@@ -105,6 +105,20 @@ def test_one_row_per_eligible_study_and_task_equal_to_hyperct_run(batch, expecte
     assert report.outcomes == {"processed": 2, "not-processed": 2}
 
 
+def test_outcome_json_has_one_record_per_study_like_hyperct_run(batch, expected, studies) -> None:
+    """The batch writes the same ``outcome.json`` records as ``hyperct run``, one per study seen."""
+    out, _ = batch
+    records = {r["study_instance_uid"]: r for r in json.loads((out / "outcome.json").read_text())["studies"]}
+    assert set(records) == set(expected) | {study_uid(studies["scout"]), study_uid(studies["mr"])}
+    for uid in expected:
+        rec = records[uid]
+        assert rec["outcome"] == "processed" and rec["reason"] == ""
+        assert rec["selection"]["selected_series_instance_uid"] == expected[uid]["series_instance_uid"]
+        assert json.loads((out / rec["files"]["results"]).read_text())["tasks"] == expected[uid]["tasks"]
+        assert {"series-selection", "inference", "results-json"} <= set(rec["timings_s"])
+    assert records[study_uid(studies["mr"])]["outcome"] == "not-processed"
+
+
 def test_errors_list_every_skipped_file_and_study_with_a_reason(batch, studies) -> None:
     out, report = batch
     errors = read_csv(out / "errors.csv")
