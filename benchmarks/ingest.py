@@ -8,10 +8,17 @@ files on one association, from start to release). The node's quiet period is set
 nothing but receiving runs while it is timed, and each node is timed only after its model has
 been loaded (start-up CPU would otherwise compete with the receive).
 
+``--parallel K`` also times the same series split over K associations at once (K storescu
+processes, round-robin slices) into Orthanc and the node: what a PACS pushing with several
+associations sees, and where the node's group commit shares flushes. ``--baseline DIR`` adds
+"node (before)": the node of another checkout (e.g. ``git worktree add /tmp/before <rev>``),
+timed in the same interleaved run, so before/after ratios come from the same conditions.
+
 Then peak RSS of the node while five different 300-slice studies arrive at once (five storescu
 processes): VmHWM of the node process, next to its RSS before the studies arrived.
 
-Usage: ``python benchmarks/ingest.py [--slices 300] [--reps 3] [--model models/hyperct]``.
+Usage: ``python benchmarks/ingest.py [--slices 300] [--reps 3] [--model models/hyperct] [--parallel 4]
+[--baseline DIR] [--studies 5]``.
 Reuses the loopback peers of ``tests/peers.py`` and ``tests/node_fixtures.py``.
 """
 
@@ -48,10 +55,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--studies", type=int, default=5, help="studies arriving at once for the RSS check")
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: tiny random model)")
+    ap.add_argument("--parallel", type=int, default=0, help="also time the series over this many associations at once")
+    ap.add_argument("--baseline", type=Path, default=None, help="checkout of an earlier revision: its node is timed too")
     args = ap.parse_args()
 
     from synth import StudyConfig, generate_study
-    from tests.node_fixtures import NodeProcess, node_settings, wait_for
+    from tests.node_fixtures import ROOT, NodeProcess, node_settings, wait_for
     from tests.peers import LOOPBACK, Orthanc, StoreSCP, storescu
 
     with tempfile.TemporaryDirectory(prefix="hyperct-ingest-") as tmp:
@@ -76,44 +85,61 @@ def main() -> None:
                 build_hyperct(backbone_config="tiny", task_keys=keys), root / "models" / "hyperct"
             )
 
-        def node(tag: str) -> NodeProcess:
+        def node(tag: str, checkout: Path = ROOT) -> NodeProcess:
             folder = root / tag
             folder.mkdir()
             settings = node_settings(folder / "data", Path(model), quiet_period_s=3600.0,
                                      extra={"receiver": {"max-pdu": PDU}, "logging": {"level": "INFO"}})  # fmt: skip
-            proc = NodeProcess(folder, settings).start()
+            proc = NodeProcess(folder, settings, root=checkout).start()
             wait_for(lambda: "node started" in proc.log_text(), 180, "node warm-up")
             return proc
 
-        def send(port: int, aec: str, files: list[Path]) -> float:
+        def send(port: int, aec: str, files: list[Path], associations: int = 1) -> float:
+            parts = [files[i::associations] for i in range(associations)]
             t0 = time.perf_counter()
-            result = storescu(LOOPBACK, port, aec, files, required_only=True)
+            with ThreadPoolExecutor(associations) as pool:
+                results = list(pool.map(lambda part: storescu(LOOPBACK, port, aec, part, required_only=True), parts))
             elapsed = time.perf_counter() - t0
-            if result.returncode != 0:
-                raise RuntimeError(f"storescu to {aec} failed: {result.stderr[-800:]}")
+            for result in results:
+                if result.returncode != 0:
+                    raise RuntimeError(f"storescu to {aec} failed: {result.stderr[-800:]}")
             return elapsed
 
-        times: dict[str, list[float]] = {"storescp": [], "Orthanc": [], "node": []}
-        for rep in range(args.reps):
-            with StoreSCP(root / f"scp{rep}", extra_args=("-pdu", str(PDU))) as scp:
-                times["storescp"].append(send(scp.port, scp.ae_title, series))
-            with Orthanc(root / f"orthanc{rep}", config={"MaximumPduLength": PDU}) as orthanc:
-                times["Orthanc"].append(send(orthanc.dicom_port, orthanc.aet, series))
-            proc = node(f"node{rep}")
+        def time_node(tag: str, checkout: Path, associations: int) -> float:
+            proc = node(tag, checkout)
             try:
-                times["node"].append(send(proc.port, "HYPERCT", series))
+                elapsed = send(proc.port, "HYPERCT", series, associations)
                 stored = proc.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
                 assert stored == len(series), f"node stored {stored} of {len(series)}"
+                return elapsed
             finally:
                 proc.terminate()
-            print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
 
-        orthanc_med = statistics.median(times["Orthanc"])
+        cases = [1, *([args.parallel] if args.parallel > 1 else [])]
+        times: dict[tuple[str, int], list[float]] = {}
+        for rep in range(args.reps):
+            for k in cases:
+                if k == 1:
+                    with StoreSCP(root / f"scp{rep}", extra_args=("-pdu", str(PDU))) as scp:
+                        times.setdefault(("storescp", k), []).append(send(scp.port, scp.ae_title, series))
+                with Orthanc(root / f"orthanc{rep}-{k}", config={"MaximumPduLength": PDU}) as orthanc:
+                    times.setdefault(("Orthanc", k), []).append(send(orthanc.dicom_port, orthanc.aet, series, k))
+                if args.baseline is not None:
+                    times.setdefault(("node (before)", k), []).append(
+                        time_node(f"before{rep}-{k}", args.baseline.resolve(), k))
+                times.setdefault(("node", k), []).append(time_node(f"node{rep}-{k}", ROOT, k))
+            print(f"rep {rep + 1}: " + ", ".join(f"{n} x{k} {v[-1]:.2f} s" for (n, k), v in times.items()), flush=True)
+
         print(f"\ningest of {mb:.1f} MB ({len(series)} files), median of {args.reps}, TCP_NODELAY, PDU {PDU}")
-        for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"  {name:9s} {med:6.2f} s  (min {min(ts):.2f}, max {max(ts):.2f})  {mb / med:6.1f} MB/s"
-                  f"  ratio (throughput vs Orthanc) {orthanc_med / med:4.2f}")  # fmt: skip
+        for k in cases:
+            orthanc_med = statistics.median(times[("Orthanc", k)])
+            print(f" {k} association(s):")
+            for (name, kk), ts in times.items():
+                if kk != k:
+                    continue
+                med = statistics.median(ts)
+                print(f"  {name:14s} {med:6.2f} s  (min {min(ts):.2f}, max {max(ts):.2f})  {mb / med:6.1f} MB/s"
+                      f"  ratio (throughput vs Orthanc) {orthanc_med / med:4.2f}")  # fmt: skip
 
         if args.studies > 1:
             proc = node("rss")

@@ -74,8 +74,10 @@ def node_settings(data_dir: Path, model: Path, *, port: int | None = None, desti
 class NodeProcess:
     """``hyperct serve`` in a child process; ``kill9()`` and ``start()`` again for crash tests."""
 
-    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, settings: dict[str, Any], *, root: Path = ROOT) -> None:
+        """``root``: the checkout whose ``app`` runs (benchmarks compare another revision)."""
         self.folder = folder
+        self.root = Path(root)
         self.settings = settings
         self.config = folder / "node.yaml"
         self.config.write_text(yaml.safe_dump(settings))
@@ -87,7 +89,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         log = self.folder / f"node-{len(self.logs)}.log"
         self.logs.append(log)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(self.root)}
         self.proc = subprocess.Popen(  # noqa: S603 - our own CLI
             [sys.executable, "-m", "app.cli", "serve", "--config", str(self.config)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=self.folder,
