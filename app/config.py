@@ -35,9 +35,9 @@ class InferenceOptions(Settings):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tensorrt: bool = False
-    threads: int = Field(0, ge=0)  # 0 = usable cores
-    max_resident_sessions: int | None = Field(None, ge=1)  # None = derived from the memory budget
-    memory_budget_mb: float | None = Field(None, gt=0)
+    threads: int = Field(default=0, ge=0)  # 0 = usable cores
+    max_resident_sessions: int | None = Field(default=None, ge=1)  # None = derived from the memory budget
+    memory_budget_mb: float | None = Field(default=None, gt=0)
 
     def session_options(self) -> SessionOptions:
         return SessionOptions(device=self.device, use_tensorrt=self.tensorrt, intra_op_threads=self.threads)
@@ -51,9 +51,9 @@ class AppConfig(Settings):
     outputs: WriterOptions = WriterOptions()
     inference: InferenceOptions = InferenceOptions()
     #: holoscan-cli's packager sections and the node's (``app/node/config.py``): not read here.
-    application: dict[str, Any] | None = Field(None, exclude=True)
-    resources: dict[str, Any] | None = Field(None, exclude=True)
-    node: dict[str, Any] | None = Field(None, exclude=True)
+    application: dict[str, Any] | None = Field(default=None, exclude=True)
+    resources: dict[str, Any] | None = Field(default=None, exclude=True)
+    node: dict[str, Any] | None = Field(default=None, exclude=True)
 
     _source: str = PrivateAttr("defaults")
 

@@ -60,7 +60,7 @@ class SelectionRules(Settings):
     image_type_required: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
     image_type_forbidden: tuple[str, ...] = ("LOCALIZER", "DERIVED", "SECONDARY", "MIP", "MPR")
     slice_thickness_mm: tuple[float, float] = (0.5, 3.0)
-    min_slices: int = Field(50, ge=1)
+    min_slices: int = Field(default=50, ge=1)
     contrast: Literal["forbid", "ignore"] = "forbid"
     contrast_description_words: tuple[str, ...] = ("contrast", "c+", "arterial", "venous", "cta")
     body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "CHEST_ABDOMEN", "CHESTABDOMEN", "TORSO")

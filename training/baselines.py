@@ -340,7 +340,7 @@ def run_baselines(
     registry: TaskRegistry | None = None,
 ) -> BaselineResults:
     """Train and evaluate the baselines on ``cfg``'s split; write ``<out>/<method>/`` and ``comparison.md``."""
-    cfg.validate()
+    cfg.check_data_sources()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")

@@ -38,14 +38,14 @@ class _Section(Settings):
 class PretextConfig(_Section):
     """Label-free warm start of a random-init backbone (``training.pretext``); ``steps: 0`` = off."""
 
-    steps: int = Field(0, ge=0)
+    steps: int = Field(default=0, ge=0)
     #: Side of the block grid whose per-channel means the CLS token predicts.
-    grid: int = Field(6, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    grid: int = Field(default=6, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = 0.01
     #: Images drawn from each training scan into the pretext set (bounded memory).
-    images_per_scan: int = Field(16, ge=1)
+    images_per_scan: int = Field(default=16, ge=1)
 
 
 class ModelConfig(_Section):
@@ -55,8 +55,8 @@ class ModelConfig(_Section):
     backbone: str = "vitb16"
     #: Local DINOv3 folder (the user's download); when set it wins over ``backbone``.
     backbone_path: str | None = None
-    head_in_dim: int = Field(768, ge=1)
-    rank: int = Field(16, ge=1)
+    head_in_dim: int = Field(default=768, ge=1)
+    rank: int = Field(default=16, ge=1)
     lora_scale: float = 1.0
     zero_init_b: bool = False
     target_types: CommaList[str] = ("q", "k", "v", "o", "up", "down")
@@ -69,14 +69,14 @@ class ModelConfig(_Section):
 class OptimizerConfig(_Section):
     """AdamW as in the released code (spec §6)."""
 
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(default=1e-5, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
     #: Gradient-norm clip; 0 = off (the paper does not clip).
-    grad_clip: float = Field(0.0, ge=0)
+    grad_clip: float = Field(default=0.0, ge=0)
     #: Learning rate of the shared head (LayerNorm + Linear); None = ``lr`` (as the paper).
-    head_lr: float | None = Field(None, gt=0)
+    head_lr: float | None = Field(default=None, gt=0)
 
     @field_validator("betas")
     @classmethod
@@ -120,11 +120,11 @@ class SplitConfig(_Section):
 class SyntheticConfig(_Section):
     """In-memory synthetic studies rendered by ``synth`` directly on the model grid (fast tests/demo)."""
 
-    n_studies: int = Field(120, ge=1)
+    n_studies: int = Field(default=120, ge=1)
     #: Finding names (``synth.tasks.FINDING_NAMES``) drawn per study; each task's label comes from them.
     findings: CommaList[str] = ("pleural_effusion", "consolidation", "cardiomegaly", "pericardial_effusion")
     #: Probability that a finding is planted in a study (independently per finding).
-    prevalence: float = Field(0.5, gt=0, lt=1)
+    prevalence: float = Field(default=0.5, gt=0, lt=1)
     seed: int = 0
     #: Pairs of studies per patient with complementary findings (matched positives/negatives).
     twins: bool = True
@@ -161,13 +161,13 @@ class DataConfig(_Section):
     #: Go on past unreadable volumes / bad label rows (warn, count) instead of stopping.
     skip_bad: bool = False
     #: Processes that read + preprocess volumes into the cache before training (0 = this process).
-    workers: int = Field(0, ge=0)
+    workers: int = Field(default=0, ge=0)
     #: DataLoader worker processes (0 = main process; cached reads are cheap, so 0 is usually best).
-    loader_workers: int = Field(0, ge=0)
+    loader_workers: int = Field(default=0, ge=0)
     #: Training only: each scan contributes a random subset of this many of its images per step
     #: (0 = all images, the paper). Validation, evaluation and serving always use every image; the
     #: masked mean pools any number of images, so this only makes a step cheaper (docs/training.md §8).
-    train_images: int = Field(0, ge=0)
+    train_images: int = Field(default=0, ge=0)
 
 
 class RunConfig(_Section):
@@ -175,9 +175,9 @@ class RunConfig(_Section):
 
     name: str = "hyperct"
     seed: int = 42
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(8, ge=1)
-    eval_batch_size: int = Field(8, ge=1)
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    eval_batch_size: int = Field(default=8, ge=1)
     #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: ``fp32`` (as the code) or ``bf16`` (autocast; a deviation, spec O-17).
@@ -185,7 +185,7 @@ class RunConfig(_Section):
     #: Torch CPU threads; 0 = torch's default.
     threads: int = 0
     #: Evaluate on validation every N epochs (best epoch = highest mean validation AUROC).
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(default=1, ge=1)
     #: Keep ``epoch_XXX.pt`` for every epoch (``last.pt`` is always kept for ``--resume``).
     keep_epoch_checkpoints: bool = False
     #: Task sampling per scan: ``uniform_valid`` (code: uniform over the scan's valid tasks).
@@ -220,7 +220,7 @@ class RunConfig(_Section):
                 raise ValueError(f"preprocessing: {exc}") from None
         return self
 
-    def validate(self) -> RunConfig:
+    def check_data_sources(self) -> RunConfig:
         """What a run needs beyond well-formed values: the data paths its ``data.kind`` reads."""
         d = self.data
         if d.kind in ("ctrate", "dicom", "synthetic_dicom") and not d.root:
@@ -285,7 +285,7 @@ def load_config(
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(data, key, value, where=item)
-    return RunConfig.from_dict(data).validate()
+    return RunConfig.from_dict(data).check_data_sources()
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -533,7 +533,7 @@ def train(
     ``warm_backbone``: a backbone already warm-started by :func:`warm_start_backbone` on the same
     training split (the pretext is label-free, so runs that differ only in labels can share one; it
     is copied, never modified). Without it, ``model.pretext.steps > 0`` runs the warm start here."""
-    cfg.validate()
+    cfg.check_data_sources()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

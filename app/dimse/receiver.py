@@ -119,11 +119,11 @@ class ReceiverOptions(Settings):
 
     ae_title: AETitle = "HYPERCT"
     bind: str = "127.0.0.1"  # loopback unless the site opens it on purpose
-    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
+    port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
     allowed_callers: CommaList[AllowedCaller] = ()
     accept_any_caller: bool = False
-    max_pdu: int = Field(131072, ge=0)
-    max_associations: int = Field(16, ge=1)
+    max_pdu: int = Field(default=131072, ge=0)
+    max_associations: int = Field(default=16, ge=1)
     tls: TlsConfig = TlsConfig()
 
 

@@ -142,11 +142,11 @@ class RetryPolicy(Settings):
 
     section: ClassVar[str] = "retry"
 
-    max_attempts: int = Field(8, ge=1)
-    initial_delay_s: float = Field(10.0, ge=0)
-    factor: float = Field(2.0, ge=1)
-    max_delay_s: float = Field(3600.0, ge=0)
-    jitter: float = Field(0.0, ge=0, lt=1)
+    max_attempts: int = Field(default=8, ge=1)
+    initial_delay_s: float = Field(default=10.0, ge=0)
+    factor: float = Field(default=2.0, ge=1)
+    max_delay_s: float = Field(default=3600.0, ge=0)
+    jitter: float = Field(default=0.0, ge=0, lt=1)
     seed: int | None = None
 
     def delay(self, attempt: int) -> float:

@@ -45,9 +45,9 @@ class CompletionSettings(Settings):
 
     section: ClassVar[str] = "completion"
 
-    quiet_period_s: float = Field(30.0, ge=0)
+    quiet_period_s: float = Field(default=30.0, ge=0)
     late_arrivals: Literal["reprocess", "ignore"] = "reprocess"  # both logged
-    poll_interval_s: float = Field(0.5, gt=0)
+    poll_interval_s: float = Field(default=0.5, gt=0)
 
 
 class WorkerSettings(Settings):
@@ -57,7 +57,7 @@ class WorkerSettings(Settings):
 
     model: str = "models"
     app_config: str | None = None  # app.yaml for the pipeline; None = HOLOSCAN_CONFIG_PATH or the repo's
-    max_job_attempts: int = Field(3, ge=1)
+    max_job_attempts: int = Field(default=3, ge=1)
 
 
 class OutboxSettings(Settings):
@@ -67,8 +67,8 @@ class OutboxSettings(Settings):
 
     destinations: CommaList[RemoteNode] = ()  # AE@host:port, IPv6 as AE@[addr]:port
     calling_ae: AETitle = "HYPERCT"
-    timeout_s: float = Field(30.0, gt=0)
-    poll_interval_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
     retry: RetryPolicy = RetryPolicy()
     tls: TlsConfig = TlsConfig()
 
@@ -79,7 +79,8 @@ class SpoolSettings(Settings):
     section: ClassVar[str] = "spool"
 
     retention: Literal["delete", "keep"] = "keep"
-    keep_days: float = Field(7.0, ge=0)  # with retention keep: removed after this many days (0 = forever)
+    #: With ``retention: keep``: removed after this many days (0 = forever).
+    keep_days: float = Field(default=7.0, ge=0)
 
 
 class HealthSettings(Settings):
@@ -88,7 +89,7 @@ class HealthSettings(Settings):
     section: ClassVar[str] = "health"
 
     bind: str = "127.0.0.1"
-    port: int = Field(8081, ge=0, le=65535)  # 0 = disabled
+    port: int = Field(default=8081, ge=0, le=65535)  # 0 = disabled
 
 
 class LoggingSettings(Settings):
@@ -96,7 +97,7 @@ class LoggingSettings(Settings):
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     #: One JSON object per line (UIDs only, never patient names); the key is ``json``.
-    as_json: bool = Field(False, alias="json")
+    as_json: bool = Field(default=False, alias="json")
 
     @field_validator("level", mode="before")
     @classmethod
