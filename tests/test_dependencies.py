@@ -396,7 +396,10 @@ def test_training_modules_match_the_train_extra() -> None:
 
     from app.commands.training_extra import TRAINING_MODULES
 
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: pip vendors the same parser
+        from pip._vendor import tomli as tomllib  # type: ignore[no-redef]
 
     import_name = {"scikit-learn": "sklearn"}
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
