@@ -126,7 +126,7 @@ def _py_files(base: Path) -> set[str]:
 
 def test_context_holds_app_operators_launchers_not_training(context: Path) -> None:
     staged = context / "app"
-    for pkg in ("app", "operators"):
+    for pkg in bm.STAGED_PACKAGES:
         assert _py_files(staged / pkg) == _py_files(ROOT / pkg), pkg
     assert not (staged / "training").exists()
     assert not list(staged.rglob("__pycache__"))
@@ -294,7 +294,7 @@ IMPORT_ALL = """
 import importlib, importlib.util, json, pkgutil, sys
 sys.path.insert(0, sys.argv[1])  # what running /opt/holoscan/app does
 names, failed = [], []
-for pkg in ("app", "operators"):
+for pkg in ("app", "operators", "synth"):
     names.append(pkg)
     names += [m.name for m in pkgutil.walk_packages(importlib.import_module(pkg).__path__, pkg + ".")]
 for name in names:
@@ -305,7 +305,7 @@ for name in names:
 import torch
 print(json.dumps({"modules": names, "failed": failed, "training": importlib.util.find_spec("training") is not None,
                   "torch_cuda": torch.version.cuda, "files": [m.__file__ for m in list(sys.modules.values())
-                  if getattr(m, "__file__", None) and m.__name__.split(".")[0] in ("app", "operators")]}))
+                  if getattr(m, "__file__", None) and m.__name__.split(".")[0] in ("app", "operators", "synth")]}))
 """
 
 
