@@ -274,3 +274,26 @@ def test_real_association_sockets_have_tcp_nodelay() -> None:
     finally:
         server.shutdown()
     assert acceptor_sockets == [True]  # accepted socket
+
+
+def test_a_response_taken_by_the_reactor_goes_back_to_the_waiting_call() -> None:
+    """The pynetdicom pause race: a C-STORE-RSP the reactor takes is put back on the DIMSE queue (not
+    dropped, which made the sender time out and re-send an instance the peer had stored); requests
+    are still served as before."""
+    import queue
+    from types import SimpleNamespace
+
+    from pynetdicom.association import Association
+    from pynetdicom.dimse_primitives import C_STORE
+
+    enable_tcp_nodelay()
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.Status = 0x0000
+    assert rsp.is_valid_response and not rsp.is_valid_request
+    fake = SimpleNamespace(_sent_release=False, dimse=SimpleNamespace(msg_queue=queue.Queue()))
+    Association._serve_request(fake, rsp, 3)  # type: ignore[arg-type]
+    assert fake.dimse.msg_queue.get_nowait() == (3, rsp)
+
+    # Requests (and anything during release) still go to pynetdicom's own handler.
+    assert Association._serve_request.__wrapped__.__module__ == "pynetdicom.association"  # type: ignore[attr-defined]

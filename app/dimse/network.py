@@ -71,6 +71,9 @@ def enable_tcp_nodelay() -> None:
 
     A DIMSE message is written as several small PDVs; with Nagle on, the last segment waits for the
     peer's delayed ACK (~40 ms) on every C-STORE. See docs/environment.md ("TCP_NODELAY").
+
+    The same call installs the one other pynetdicom patch, :func:`_return_stolen_responses`, so every
+    place that sets up pynetdicom (receiver, sender, query) gets both.
     """
     from pynetdicom.transport import AddressInformation, AssociationServer, AssociationSocket
 
@@ -109,6 +112,40 @@ def enable_tcp_nodelay() -> None:
         AssociationServer.server_bind = _server_bind  # type: ignore[method-assign]
         AssociationServer.get_request = _get_request  # type: ignore[method-assign]
         LOGGER.debug("pynetdicom sockets now set TCP_NODELAY")
+    _return_stolen_responses()
+
+
+_STOLEN_MARK = "_hyperct_returns_responses"
+
+
+def _return_stolen_responses() -> None:
+    """Hand a DIMSE response that pynetdicom's association reactor took back to the waiting call.
+
+    pynetdicom 3.0 pauses its reactor thread around each ``send_c_store``/``send_c_find``/... with a
+    flag the sender polls (``_is_paused``) that can still read True from the reactor's previous pause
+    while the reactor is already past its checkpoint. The reactor then takes the response off the
+    DIMSE queue, logs "Received unexpected C-STORE service message" and drops it; the sender waits
+    for the DIMSE timeout, aborts, and the outbox re-sends an instance the peer had stored (seen under
+    CPU load with three concurrent studies; pynetdicom issue 875 reports the same for C-FIND). The
+    reactor only serves requests, so a response it gets is always some ``send_*`` call's: put it back
+    on the queue, where that call is blocked waiting for it. Installed with the TCP_NODELAY patch.
+    """
+    from pynetdicom.association import Association
+
+    serve_request = Association._serve_request
+    if getattr(serve_request, _STOLEN_MARK, False):
+        return
+
+    def _serve_request(self: Association, msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and not self._sent_release and msg.is_valid_response:
+            self.dimse.msg_queue.put((context_id, msg))
+            return
+        serve_request(self, msg, context_id)
+
+    _serve_request.__doc__ = serve_request.__doc__
+    _serve_request.__wrapped__ = serve_request  # type: ignore[attr-defined]
+    setattr(_serve_request, _STOLEN_MARK, True)
+    Association._serve_request = _serve_request  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------------------------------
