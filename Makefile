@@ -40,8 +40,12 @@ peers:  ## Install DCMTK, dicom3tools and Orthanc with apt-get (as root, when mi
 demo: setup peers  ## Run the end-to-end demo on the embedded default
 	$(BIN)/python -m app.demo
 
+# `make test` runs in parallel (pytest-xdist): whole modules to each worker (their module fixtures are
+# built once), longest first (tests/conftest.py). More workers than cores: many tests wait on peers,
+# sleeps and subprocesses. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 4
 test: setup peers  ## Run the whole test suite (unit + real peers)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-gpu: setup  ## Run only the GPU tests (on a host with a CUDA GPU and the gpu extra)
 	$(BIN)/python -m pytest -m gpu

@@ -7,11 +7,18 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.shared_artifacts import shared_artifact
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one intra-op thread each (torch, OpenMP/BLAS, also in the
+    # subprocesses tests start), or their thread pools oversubscribe the machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class NetworkAccessError(RuntimeError):
@@ -74,8 +81,57 @@ def _loopback_only() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny exported test model (``tests/app_fixtures.export_tiny_model``), built once per session
-    and shared read-only by the application, batch and node tests. Imported lazily: it needs torch."""
+    """The tiny exported test model (``tests/app_fixtures.export_tiny_model``), built once per run
+    and shared read-only by the application, batch, node and packaging tests. Imported lazily: it
+    needs torch."""
     from tests.app_fixtures import export_tiny_model
 
-    return export_tiny_model(tmp_path_factory.mktemp("model"))
+    return shared_artifact(tmp_path_factory, "tiny-model", export_tiny_model) / "hyperct"
+
+
+#: The longest test modules, started first so that none of them ends a parallel run alone: `make test`
+#: runs pytest-xdist with --dist loadscope --no-loadscope-reorder, which hands whole modules to the
+#: workers in collection order. The learning test's two trainings are two modules, so they run at once.
+RUN_FIRST = (
+    "test_training_learning",
+    "test_training_learning_control",
+    "test_demo_model",
+    "test_packaging",
+    "test_node_e2e",
+    "test_app",
+    "test_export_formats",
+    "test_demo",
+    "test_batch_send",
+    "test_pretext",
+    "test_batch_resume",
+    "test_training",
+    "test_batch_archive",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest modules first; the sort is stable, so the tests of a module keep their order."""
+    rank = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+#: Modules that are one long training each. pytest-xdist keeps one more module queued on a worker
+#: than it is running; behind these, that one is taken from the end of the queue (a short module).
+RUN_ALONE = ("test_training_learning", "test_training_learning_control")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadscope, except that nothing long waits behind a training (see RUN_ALONE)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TrainingsAlone(LoadScopeScheduling):  # type: ignore[misc]
+        def _assign_work_unit(self, node: Any) -> None:
+            held = self.assigned_work.get(node, {})
+            if any(Path(s).stem in RUN_ALONE and not all(t.values()) for s, t in held.items()):
+                self.workqueue.move_to_end(next(reversed(self.workqueue)), last=False)
+            super()._assign_work_unit(node)
+
+    return TrainingsAlone(config, log)

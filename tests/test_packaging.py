@@ -19,7 +19,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from tests.app_fixtures import export_tiny_model, small_study
+from tests.app_fixtures import small_study
 from tests.dicom_fixtures import dciodvfy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +41,10 @@ bm = _load_driver()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Named differently from "hyperct" on purpose: the image must still hold models/hyperct.
-    exported = export_tiny_model(tmp_path_factory.mktemp("model"))
-    renamed = exported.parent / "my-model"
-    exported.rename(renamed)
-    return renamed
+def model_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Path:
+    """A copy of the run's shared tiny model (conftest), named differently from "hyperct" on purpose:
+    the image must still hold models/hyperct."""
+    return Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("model") / "my-model"))
 
 
 @pytest.fixture(scope="module")
