@@ -29,46 +29,50 @@ SMALL = PreprocessingConfig(
 )
 
 
-def _nifti(path: Path, seed: int, *, scaled_header: bool = False) -> None:
+def _nifti(path: Path, seed: int) -> None:
+    """An original-release CT-RATE volume: raw stored values as floats under a placeholder header."""
     import nibabel as nib
 
     rng = np.random.default_rng(seed)
-    stored = np.clip(rng.normal(24, 200, (40, 40, 30)), 0, None).astype(np.int16)  # raw, intercept -1024
-    img = nib.Nifti1Image(stored, np.diag([-8.0, -8.0, 8.0, 1.0]))
-    if scaled_header:
-        img.header.set_slope_inter(1.0, -1024.0)
+    stored = np.clip(rng.normal(24, 200, (40, 40, 30)), 0, None).astype(np.float32)  # raw, intercept -1024
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, path)
+    nib.save(nib.Nifti1Image(stored, np.eye(4)), path)
 
 
 def _ctrate(tmp_path: Path) -> tuple[Path, Path, Path]:
     vols = tmp_path / "dataset" / "train"
-    for name in ("train_1_a_1", "train_1_a_2", "train_2_a_1", "train_3_b_1"):
+    for name in ("train_1_a_1", "train_1_b_1", "train_2_a_1", "train_3_b_1"):
         patient = "_".join(name.split("_")[:2])
         _nifti(vols / patient / f"{patient}_{name.split('_')[2]}" / f"{name}.nii.gz", hash(name) % 1000)
     labels = tmp_path / "multi_abnormality_labels.csv"
     labels.write_text(
         "VolumeName,Medical material,Pleural effusion,Cardiomegaly\n"
-        "train_1_a_1.nii.gz,0,1,0\ntrain_1_a_2.nii.gz,0,1,0\ntrain_2_a_1.nii.gz,1,0,0\ntrain_3_b_1.nii.gz,0,0,1\n"
+        "train_1_a_1.nii.gz,0,1,0\ntrain_1_b_1.nii.gz,0,1,0\ntrain_2_a_1.nii.gz,1,0,0\ntrain_3_b_1.nii.gz,0,0,1\n"
     )
     meta = tmp_path / "train_metadata.csv"
+    iop = '"[1, 0, 0, 0, 1, 0]"'
     meta.write_text(
-        "VolumeName,RescaleSlope,RescaleIntercept,XYSpacing,ZSpacing\n"
-        'train_1_a_1.nii.gz,1,-1024,"[8.0, 8.0]",8.0\ntrain_1_a_2.nii.gz,1,-1024,"[8.0, 8.0]",8.0\n'
-        'train_2_a_1.nii.gz,1,-1024,"[8.0, 8.0]",8.0\ntrain_3_b_1.nii.gz,1,-1024,"[6.0, 6.0]",5.0\n'
+        "VolumeName,RescaleSlope,RescaleIntercept,XYSpacing,ZSpacing,ImageOrientationPatient\n"
+        f'train_1_a_1.nii.gz,1,-1024,"[8.0, 8.0]",8.0,{iop}\ntrain_1_b_1.nii.gz,1,-1024,"[8.0, 8.0]",8.0,{iop}\n'
+        f'train_2_a_1.nii.gz,1,-1024,"[8.0, 8.0]",8.0,{iop}\ntrain_3_b_1.nii.gz,1,-1024,"[6.0, 6.0]",5.0,{iop}\n'
     )
     return tmp_path / "dataset", labels, meta
+
+
+def _records(root: Path, labels: Path, meta: Path, tasks: list[str], **kw: object) -> list:
+    return ctrate_records(root, REG, tasks, labels=[labels], metadata=[meta], **kw)  # type: ignore[arg-type]
 
 
 def test_ctrate_layout_records_patients_rescale_and_spacing(tmp_path: Path) -> None:
     root, labels, meta = _ctrate(tmp_path)
     tasks = ["medical_material", "cardiomegaly", "pleural_effusion"]
-    recs = ctrate_records(root, labels, meta, REG, tasks)
+    recs = _records(root, labels, meta, tasks)
     assert [r.patient_id for r in recs] == ["train_1", "train_1", "train_2", "train_3"]
+    assert [r.scan for r in recs] == ["train_1_a", "train_1_b", "train_2_a", "train_3_b"]
     np.testing.assert_array_equal(recs[0].labels, [0, 0, 1])  # registry order, not CSV order
     vol = recs[0].source.load()
     assert -1500 < float(vol.hu.mean()) < -500  # raw + intercept = HU
-    np.testing.assert_allclose(recs[3].source.load().spacing, [6.0, 6.0, 5.0])  # metadata spacing wins
+    np.testing.assert_allclose(recs[3].source.load().spacing, [6.0, 6.0, 5.0])  # geometry from the metadata
     cache = InputCache(tmp_path / "cache")
     assert len(prepare(recs, SMALL, cache)) == 4
     assert ScanDataset(recs, SMALL, cache)[1] is not None and cache.stats.hits == 1
@@ -81,13 +85,13 @@ def test_ctrate_bad_rows_name_the_labels_file(tmp_path: Path) -> None:
         DataError,
         match=r"multi_abnormality_labels\.csv: row 5 \(line 6\): volume train_9_a_1\.nii\.gz not found",
     ):
-        ctrate_records(root, labels, meta, REG, ["cardiomegaly"])
+        _records(root, labels, meta, ["cardiomegaly"])
     bad = BadData(skip=True)
-    assert len(ctrate_records(root, labels, meta, REG, ["cardiomegaly"], bad=bad)) == 4
+    assert len(_records(root, labels, meta, ["cardiomegaly"], bad=bad)) == 4
     assert bad.count == 1
     # a corrupt volume is found when it is read, with the labels row in the message
     (root / "train" / "train_2" / "train_2_a" / "train_2_a_1.nii.gz").write_bytes(b"not a nifti")
-    recs = ctrate_records(root, labels, meta, REG, ["cardiomegaly"], bad=BadData(skip=True))
+    recs = _records(root, labels, meta, ["cardiomegaly"], bad=BadData(skip=True))
     with pytest.raises(
         DataError, match=r"multi_abnormality_labels\.csv: row 3 \(line 4\): cannot read train_2_a_1\.nii\.gz"
     ):

@@ -100,6 +100,10 @@ class ScheduleConfig(_Section):
 class SplitConfig(_Section):
     """Patient-level split fractions (spec §2.1: 70/10/20) and its seed."""
 
+    #: ``official`` (CT-RATE): test = CT-RATE's ``valid`` patients, val = ``val`` of its ``train``
+    #: patients, train = the rest, so results sit beside published CT-RATE numbers. ``random``: the
+    #: fractions over all patients. ``auto``: official for ``data.kind: ctrate``, random otherwise.
+    kind: Literal["auto", "random", "official"] = "auto"
     train: float = 0.7
     val: float = 0.1
     test: float = 0.2
@@ -132,18 +136,32 @@ class SyntheticConfig(_Section):
     geometry: Literal["model", "varied"] = "model"
 
 
+class CtRateConfig(_Section):
+    """How CT-RATE is read (docs/training.md §CT-RATE)."""
+
+    #: ``auto`` decides per file from its header; ``original``/``fixed`` insist on one release.
+    release: Literal["auto", "original", "fixed"] = "auto"
+    #: ``one-per-scan``: the lowest reconstruction number with usable geometry; ``all``: every one.
+    reconstructions: Literal["one-per-scan", "all"] = "one-per-scan"
+    #: CT-RATE splits to read (their label/metadata CSVs are found under ``data.root``);
+    #: empty = every split whose label CSV is there.
+    splits: CommaList[Literal["train", "valid"]] = ()
+
+
 class DataConfig(_Section):
     """Where the scans and labels come from (docs/training.md §Data)."""
 
     #: ``ctrate`` (NIfTI + CT-RATE CSVs), ``dicom`` (series folders + label CSV), ``synthetic``
     #: (in-memory phantoms) or ``synthetic_dicom`` (a folder written by ``hyperct synth``).
     kind: Literal["ctrate", "dicom", "synthetic", "synthetic_dicom"] = "ctrate"
-    #: Volumes folder (ctrate), DICOM root (dicom, synthetic_dicom).
+    #: CT-RATE's ``dataset`` folder (ctrate), DICOM root (dicom, synthetic_dicom).
     root: str | None = None
-    #: Label CSV: ``multi_abnormality_labels.csv`` (ctrate), keyed CSV (dicom), ``labels.csv`` (synthetic_dicom).
-    labels: str | None = None
-    #: CT-RATE metadata CSV (VolumeName, RescaleSlope, RescaleIntercept, ...).
-    metadata: str | None = None
+    #: Label CSV(s): keyed CSV (dicom; one file), ``labels.csv`` (synthetic_dicom; default at the root),
+    #: CT-RATE's per-split ``*_predicted_labels.csv`` (ctrate; default: found under ``root``).
+    labels: CommaList[str] = ()
+    #: CT-RATE metadata CSV(s) (default: ``metadata/{train,validation}_metadata.csv`` under ``root``).
+    metadata: CommaList[str] = ()
+    ctrate: CtRateConfig = CtRateConfig()
     #: Extra label CSVs keyed like ``labels`` (e.g. the output of ``hyperct labels echo``); joined on the key.
     extra_labels: CommaList[str] = ()
     #: Key column of the label CSVs for DICOM: ``StudyInstanceUID`` or ``AccessionNumber``.
@@ -225,8 +243,12 @@ class RunConfig(_Section):
         d = self.data
         if d.kind in ("ctrate", "dicom", "synthetic_dicom") and not d.root:
             raise ConfigError(f"data.root: is required for data.kind={d.kind}")
-        if d.kind in ("ctrate", "dicom") and not d.labels:
+        if d.kind == "dicom" and not d.labels:
             raise ConfigError(f"data.labels: is required for data.kind={d.kind}")
+        if d.kind != "ctrate" and len(d.labels) > 1:
+            raise ConfigError(f"data.labels: one file for data.kind={d.kind}, got {len(d.labels)}")
+        if d.split.kind == "official" and d.kind != "ctrate":
+            raise ConfigError("data.split.kind: official is CT-RATE's own split (data.kind: ctrate)")
         return self
 
     # -- (de)serialisation --------------------------------------------------------------------------

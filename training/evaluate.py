@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +80,12 @@ def _records_for(
     bad: BadData,
     pre: PreprocessingConfig,
 ) -> dict[str, list[ScanRecord]]:
-    from training.data import assign_splits, build_records, read_split_file
+    from training.data import build_records, split_records
 
     recs = [r for r in build_records(cfg.data, registry, tasks, bad, pre) if r.n_valid > 0]
     if split == "all":
         return {"all": recs}
-    s = cfg.data.split
-    fixed = read_split_file(s.file) if s.file else None
-    return assign_splits(recs, (s.train, s.val, s.test), s.seed, fixed)
+    return split_records(recs, cfg.data.split, cfg.data.kind)
 
 
 def _align(
@@ -141,6 +140,38 @@ def thresholds_document(
         "checkpoint": checkpoint,
         "tasks": out_tasks,
     }
+
+
+def per_scan(
+    records: Sequence[ScanRecord], labels: np.ndarray, scores: np.ndarray
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Volume rows → one row per scan: ``(scan ids, patient ids, labels, scores)``.
+
+    A scan's score is the mean of its reconstructions' probabilities (NaN-aware), so a scan with
+    three reconstructions counts once, like a scan with one; its labels come from one report and must
+    agree across its volumes (a disagreement is bad data, not something to average).
+    """
+    order: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        order.setdefault(r.scan, []).append(i)
+    if len(order) == len(records):
+        return [r.scan for r in records], [r.patient_id for r in records], labels, scores
+    out_y = np.empty((len(order), labels.shape[1]))
+    out_s = np.full((len(order), scores.shape[1]), np.nan)
+    patients: list[str] = []
+    for n, (scan, rows) in enumerate(order.items()):
+        ys = labels[rows]
+        if not (ys == ys[0]).all():
+            raise DataError(
+                f"scan {scan}: its volumes {', '.join(records[i].key for i in rows)} carry different labels"
+            )
+        out_y[n] = ys[0]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column: the task was not scored
+            out_s[n] = np.nanmean(scores[rows], axis=0)
+        patients.append(records[rows[0]].patient_id)
+    logger.info("%d volumes scored as %d scans (mean over reconstructions)", len(records), len(order))
+    return list(order), patients, out_y, out_s
 
 
 def evaluate_checkpoint(
@@ -218,9 +249,10 @@ def evaluate_checkpoint(
         logger.warning("no validation predictions: thresholds are picked on the evaluated data (optimistic)")
 
     groups = {t: registry.by_key(t).group for t in tasks if t in registry}
+    _, patients, scan_y, scan_s = per_scan(ds.records, labels, scores)
     result = evaluate(
-        labels, scores, tasks, groups=groups, val_true=val_y, val_score=val_s, n_bootstrap=n_bootstrap,
-        target_sensitivities=target_sensitivities,
+        scan_y, scan_s, tasks, groups=groups, val_true=val_y, val_score=val_s, n_bootstrap=n_bootstrap,
+        target_sensitivities=target_sensitivities, patients=patients,
     )  # fmt: skip
     short = {t: registry.by_key(t).short_name or t for t in tasks if t in registry}
     files = write_report(result, out, title=title or f"HyperCT evaluation: {ckpt.name}, split {split}",

@@ -394,20 +394,31 @@ def _weighted_auc_ap(task: _SortedTask, weights: np.ndarray) -> tuple[np.ndarray
 
 
 def _bootstrap(
-    tasks: Sequence[_SortedTask | None], n_scans: int, n_bootstrap: int, seed: int
+    tasks: Sequence[_SortedTask | None],
+    n_scans: int,
+    n_bootstrap: int,
+    seed: int,
+    clusters: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[n_bootstrap, K] AUROC and AP per resample (NaN where not computable), one resample set for all."""
+    """[n_bootstrap, K] AUROC and AP per resample (NaN where not computable), one resample set for all.
+
+    ``clusters`` (an index per scan, e.g. its patient) makes the resampling unit the cluster: a drawn
+    patient brings all of their scans, so scans of one patient are not treated as independent.
+    """
     k = len(tasks)
     aucs = np.full((n_bootstrap, k), np.nan)
     aps = np.full((n_bootstrap, k), np.nan)
     if n_bootstrap == 0 or n_scans == 0:
         return aucs, aps
+    units = int(clusters.max()) + 1 if clusters is not None else n_scans
     rng = np.random.default_rng(seed)
     for start in range(0, n_bootstrap, _BOOTSTRAP_CHUNK):
         b = min(_BOOTSTRAP_CHUNK, n_bootstrap - start)
-        draws = rng.integers(0, n_scans, size=(b, n_scans))
-        flat = (draws + np.arange(b)[:, None] * n_scans).ravel()
-        weights = np.bincount(flat, minlength=b * n_scans).reshape(b, n_scans)
+        draws = rng.integers(0, units, size=(b, units))
+        flat = (draws + np.arange(b)[:, None] * units).ravel()
+        weights = np.bincount(flat, minlength=b * units).reshape(b, units)
+        if clusters is not None:
+            weights = weights[:, clusters]
         for j, t in enumerate(tasks):
             if t is not None:
                 aucs[start : start + b, j], aps[start : start + b, j] = _weighted_auc_ap(t, weights)
@@ -483,12 +494,14 @@ def evaluate(
     seed: int = DEFAULT_SEED,
     n_bins: int = DEFAULT_N_BINS,
     target_sensitivities: Sequence[float] = DEFAULT_TARGET_SENSITIVITIES,
+    patients: Sequence[str] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``y_score`` [n_scans, K] against ``y_true`` [n_scans, K] (1 / 0 / -1 or NaN = missing).
 
     ``groups`` maps task → group (e.g. "radiology"/"cardiac") for group means; "overall" is always
     computed. ``val_true``/``val_score`` (same task columns) are where thresholds are picked; without
     them thresholds are picked on the evaluated data, which is optimistic and flagged in the notes.
+    ``patients`` (one id per scan row) makes the bootstrap resample patients instead of scans.
     """
     names = list(task_names)
     k = len(names)
@@ -521,6 +534,14 @@ def evaluate(
     )
     groups = dict(groups or {})
     n_scans = y_all.shape[0]
+    clusters = None
+    if patients is not None:
+        if len(patients) != n_scans:
+            raise ValueError(f"patients has {len(patients)} entries for {n_scans} scans")
+        _, clusters = np.unique(np.asarray(patients, dtype=str), return_inverse=True)
+        config.bootstrap_unit = (
+            f"patient ({int(clusters.max()) + 1 if n_scans else 0} patients), shared across tasks"
+        )
     notes: list[str] = []
     results: list[TaskMetrics] = []
     sorted_tasks: list[_SortedTask | None] = []
@@ -567,7 +588,7 @@ def evaluate(
         tm.thresholds = _pick_thresholds(yv, sv, y, s, picked_on, config.target_sensitivities)
         sorted_tasks.append(_sorted_task(np.flatnonzero(valid_mask(col_y)), y, s))
 
-    aucs, aps = _bootstrap(sorted_tasks, n_scans, n_bootstrap, seed)
+    aucs, aps = _bootstrap(sorted_tasks, n_scans, n_bootstrap, seed, clusters)
     for j, tm in enumerate(results):
         if not tm.computable:
             continue

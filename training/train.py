@@ -46,13 +46,12 @@ from training.data import (
     DataError,
     ScanDataset,
     ScanRecord,
-    assign_splits,
     build_records,
     collate,
     prepare,
-    read_split_file,
     resolve_tasks,
     sample_tasks,
+    split_records,
 )
 from training.metrics import auroc
 from training.model import HyperCT, build_hyperct, load_checkpoint, save_checkpoint
@@ -400,9 +399,7 @@ def prepare_data(
     usable = [r for r in recs if r.n_valid > 0]
     if len(usable) < len(recs):
         logger.info("%d scans have no valid label for the trained tasks; not used", len(recs) - len(usable))
-    s = cfg.data.split
-    fixed = read_split_file(s.file) if s.file else None
-    splits = assign_splits(usable, (s.train, s.val, s.test), s.seed, fixed)
+    splits = split_records(usable, cfg.data.split, cfg.data.kind)
     cache = cache or make_cache(cfg, out_dir)
     bar = _Progress(progress, len(usable), "cache")
     last = [0]

@@ -2,7 +2,7 @@
 
 Layouts (``DataConfig.kind``; docs/training.md §Data):
 
-* ``ctrate`` — NIfTI volumes + ``multi_abnormality_labels.csv`` + metadata CSV (:mod:`.ctrate`);
+* ``ctrate`` — CT-RATE as published: NIfTI volumes + its per-split label and metadata CSVs (:mod:`.ctrate`);
 * ``dicom`` — series folders + a label CSV keyed by StudyInstanceUID/AccessionNumber (:mod:`.dicom`);
 * ``synthetic_dicom`` — a folder written by ``hyperct synth`` (its ``labels.csv`` at the root);
 * ``synthetic`` — in-memory phantoms rendered on the fly (:mod:`.synthetic`).
@@ -21,13 +21,14 @@ from operators.preprocessing import PreprocessingConfig
 from training.config import DataConfig
 from training.data.dataset import Batch, Sample, ScanDataset, collate, prepare, sample_tasks
 from training.data.labels import MISSING, BadData, DataError, LabelRow, read_label_csv
-from training.data.records import DicomSeriesSource, NiftiSource, ScanRecord, VolumeSource
+from training.data.records import DicomSeriesSource, ScanRecord, VolumeSource
 from training.data.splits import (
     SPLITS,
     assign_splits,
     check_patient_disjoint,
     read_split_file,
     split_patients,
+    split_records,
 )
 from training.data.synthetic import (
     VISIBLE_FINDINGS,
@@ -49,7 +50,6 @@ __all__ = [
     "DataError",
     "DicomSeriesSource",
     "LabelRow",
-    "NiftiSource",
     "Sample",
     "ScanDataset",
     "ScanRecord",
@@ -66,6 +66,7 @@ __all__ = [
     "resolve_tasks",
     "sample_tasks",
     "split_patients",
+    "split_records",
     "synthetic_records",
     "tasks_for_findings",
 ]
@@ -75,7 +76,7 @@ SYNTH_LABELS = "labels.csv"
 
 def _labels_path(cfg: DataConfig) -> Path:
     if cfg.labels:
-        return Path(cfg.labels)
+        return Path(cfg.labels[0])
     if cfg.kind == "synthetic_dicom" and cfg.root:
         return Path(cfg.root) / SYNTH_LABELS
     raise DataError(f"data.labels is required for data.kind={cfg.kind}")
@@ -94,7 +95,13 @@ def resolve_tasks(cfg: DataConfig, registry: TaskRegistry) -> list[str]:
     key_columns = (
         ("VolumeName",) if cfg.kind == "ctrate" else (cfg.key_column, "StudyInstanceUID", "AccessionNumber")
     )
-    for path in (_labels_path(cfg), *map(Path, cfg.extra_labels)):
+    if cfg.kind == "ctrate":
+        from training.data.ctrate import find_files
+
+        label_files = list(find_files(cfg.root or "", cfg.ctrate.splits, cfg.labels, cfg.metadata).labels)
+    else:
+        label_files = [_labels_path(cfg)]
+    for path in (*label_files, *map(Path, cfg.extra_labels)):
         _, keys, _ = read_label_csv(
             path, registry, key_columns=key_columns, bad=BadData(skip=True), require_label=False
         )
@@ -124,19 +131,12 @@ def build_records(
     if cfg.kind == "ctrate":
         from training.data.ctrate import ctrate_records
 
-        if not cfg.metadata:
-            raise DataError(
-                "data.metadata (the CT-RATE metadata CSV with rescale slope/intercept) is required"
-            )
+        c = cfg.ctrate
         return ctrate_records(
-            cfg.root or "",
-            _labels_path(cfg),
-            cfg.metadata,
-            registry,
-            tasks,
-            extra_labels=cfg.extra_labels,
-            bad=bad,
-        )
+            cfg.root or "", registry, tasks, labels=cfg.labels, metadata=cfg.metadata,
+            extra_labels=cfg.extra_labels, splits=c.splits, release=c.release,
+            reconstructions=c.reconstructions, bad=bad,
+        )  # fmt: skip
     from training.data.dicom import dicom_records
 
     return dicom_records(

@@ -9,16 +9,13 @@ stores its hash.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from operators.volume import Volume, load_dicom_series, load_nifti
-
-logger = logging.getLogger(__name__)
+from operators.volume import Volume, load_dicom_series
 
 
 @runtime_checkable
@@ -39,36 +36,6 @@ class VolumeSource(Protocol):
 def _file_stamp(path: Path) -> str:
     st = path.stat()
     return f"{path.as_posix()}:{st.st_size}:{st.st_mtime_ns}"
-
-
-@dataclass(frozen=True)
-class NiftiSource:
-    """A NIfTI volume (CT-RATE), with the rescale from the metadata CSV and optional spacing override."""
-
-    path: str
-    slope: float | None = None
-    intercept: float | None = None
-    #: (x, y, z) voxel size in mm from the metadata CSV; replaces the header's when they disagree.
-    spacing: tuple[float, float, float] | None = None
-
-    def identity(self) -> str:
-        return f"nifti:{_file_stamp(Path(self.path))}:{self.slope}:{self.intercept}:{self.spacing}"
-
-    def describe(self) -> str:
-        return Path(self.path).name
-
-    def load(self) -> Volume:
-        vol = load_nifti(self.path, slope=self.slope, intercept=self.intercept)
-        if self.spacing is None:
-            return vol
-        have = vol.spacing
-        want = np.asarray(self.spacing, dtype=np.float64)
-        if np.allclose(have, want, rtol=0.01):
-            return vol
-        logger.debug("%s: header spacing %s replaced by metadata %s", self.describe(), have.round(3), want)
-        affine = vol.affine.copy()
-        affine[:3, :3] = vol.direction * want
-        return Volume(hu=vol.hu, affine=affine)
 
 
 @dataclass(frozen=True)
@@ -96,13 +63,23 @@ class DicomSeriesSource:
 
 @dataclass(frozen=True, eq=False)
 class ScanRecord:
-    """One scan: unique ``key``, ``patient_id`` (split unit), labels ``[K]`` (1/0/-1) and its source."""
+    """One volume: unique ``key``, ``patient_id`` (split unit), labels ``[K]`` (1/0/-1) and its source.
+
+    ``scan_id`` groups volumes that are reconstructions of one acquisition (CT-RATE's
+    ``train_1_a_1`` and ``train_1_a_2`` are scan ``train_1_a``): evaluation scores per scan, not per
+    volume. None = the volume is its own scan.
+    """
 
     key: str
     patient_id: str
     labels: np.ndarray
     source: VolumeSource
     origin: str
+    scan_id: str | None = None
+
+    @property
+    def scan(self) -> str:
+        return self.scan_id or self.key
 
     @property
     def n_valid(self) -> int:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from training.config import SplitConfig
 from training.data.labels import DataError
 from training.data.records import ScanRecord
 
@@ -93,6 +94,44 @@ def assign_splits(
     out = {s: [r for r in records if by_patient[r.patient_id] == s] for s in SPLITS}
     check_patient_disjoint(out)
     return out
+
+
+def official_splits(
+    records: Sequence[ScanRecord], official: Callable[[str], str | None], val: float, seed: int
+) -> dict[str, list[ScanRecord]]:
+    """A dataset's own split kept: its held-out patients are ``test``; ``val`` of its train patients
+    (drawn as :func:`split_patients` draws) are ``val``; the rest ``train``."""
+    held_out = {"valid", "test"}
+    unknown = sorted({r.patient_id for r in records if official(r.patient_id) is None})
+    if unknown:
+        raise DataError(
+            f"split kind official: {len(unknown)} patient(s) carry no official split, e.g. {unknown[0]!r}"
+        )
+    train_patients = {r.patient_id for r in records if official(r.patient_id) not in held_out}
+    inner = split_patients(train_patients, {"train": 1.0 - val, "val": val, "test": 0.0}, seed)
+    out: dict[str, list[ScanRecord]] = {s: [] for s in SPLITS}
+    for r in records:
+        out["test" if official(r.patient_id) in held_out else inner[r.patient_id]].append(r)
+    logger.info(
+        "official split: train %d, val %d (of the official train patients), test %d (official held-out) volumes",
+        len(out["train"]), len(out["val"]), len(out["test"]),
+    )  # fmt: skip
+    check_patient_disjoint(out)
+    return out
+
+
+def split_records(
+    records: Sequence[ScanRecord], split: SplitConfig, data_kind: str
+) -> dict[str, list[ScanRecord]]:
+    """The run's ``train``/``val``/``test`` records as ``data.split`` says (file, official or random)."""
+    if split.file:
+        return assign_splits(records, seed=split.seed, fixed=read_split_file(split.file))
+    kind = split.kind if split.kind != "auto" else ("official" if data_kind == "ctrate" else "random")
+    if kind == "official":
+        from training.data.ctrate import official_split
+
+        return official_splits(records, official_split, split.val, split.seed)
+    return assign_splits(records, (split.train, split.val, split.test), split.seed)
 
 
 def check_patient_disjoint(splits: Mapping[str, Sequence[ScanRecord]]) -> None:
