@@ -135,12 +135,23 @@ def test_orientation_that_cannot_be_established_is_refused(
     meta.write_text(text.replace('"[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]"', ""))
     rec = ctrate_records(dataset, REG, TASKS, reconstructions="all")[0]
     with pytest.raises(OrientationError, match=r"valid_1_a_1\.nii\.gz: orientation cannot be established: "
-                       r"ImageOrientationPatient missing"):  # fmt: skip
+                       r"ImageOrientationPatient \(empty\) is not 6 numbers \(validation_metadata\.csv: row 1"):  # fmt: skip
         rec.source.load()
-    with pytest.raises(DataError, match="scan valid_1_a: no reconstruction has usable geometry"):
+    with pytest.raises(DataError, match="scan valid_1_a: no reconstruction has usable geometry: valid_1_a_1.nii.gz: "
+                       "ImageOrientationPatient"):  # fmt: skip
         ctrate_records(dataset, REG, TASKS)
     bad = BadData(skip=True)
     assert ctrate_records(dataset, REG, TASKS, bad=bad) == [] and bad.count == 1
+    meta.write_text(
+        text.replace('"[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]"', "").replace("ImageOrientationPatient", "IOP")
+    )
+    with pytest.raises(
+        DataError, match=r"validation_metadata\.csv: missing column\(s\) ImageOrientationPatient"
+    ):
+        ctrate_records(dataset, REG, TASKS)
+    meta.write_text(text.replace(",-1024.0,", ",n/a,"))
+    with pytest.raises(DataError, match=r"row 1 \(line 2\), column RescaleIntercept: 'n/a' is not a number"):
+        ctrate_records(dataset, REG, TASKS)
     meta.write_text(text.replace(",128,128,", ",128,96,"))  # Rows that the array does not have
     with pytest.raises(OrientationError, match="128 x 128 voxels in-plane, but the metadata says Columns 96"):
         ctrate_records(dataset, REG, TASKS)[0].source.load()

@@ -66,6 +66,10 @@ CTRATE_SPLITS: dict[str, tuple[str, str]] = {
 VOLUME_NAME = re.compile(
     r"^(?P<split>[A-Za-z]+)_(?P<patient>[A-Za-z0-9]+)_(?P<scan>[A-Za-z0-9]+)_(?P<recon>\d+)(?:\.nii(?:\.gz)?)?$"
 )
+#: Metadata columns every CT-RATE release needs: rescale for the original, geometry for both.
+METADATA_COLUMNS = (
+    "VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing", "ImageOrientationPatient",
+)  # fmt: skip
 _SPACING_RTOL = 0.01  # header vs metadata spacing
 _DIRECTION_ATOL = 1e-3  # header vs metadata direction cosines
 
@@ -118,7 +122,7 @@ def official_split(patient_id: str) -> str | None:
 
 @dataclass(frozen=True)
 class Metadata:
-    """The columns of one metadata row the loader uses (raw text kept for messages)."""
+    """The columns of one metadata row the loader uses, parsed, with what is wrong with them."""
 
     slope: float
     intercept: float
@@ -131,15 +135,8 @@ class Metadata:
     where: str
     #: (Columns, Rows) = the array's (i, j) extent; None when the row does not say.
     matrix: tuple[int, int] | None = None
-
-    def problems(self) -> list[str]:
-        """What stops the geometry from being rebuilt from this row (empty = usable)."""
-        out = []
-        if self.spacing is None:
-            out.append("XYSpacing/ZSpacing missing or not positive")
-        if self.orientation is None:
-            out.append("ImageOrientationPatient missing or not two orthogonal unit vectors")
-        return out
+    #: Why the geometry cannot be rebuilt from this row, naming column and value (empty = usable).
+    problems: tuple[str, ...] = ()
 
     def direction(self) -> np.ndarray:
         """LPS unit vectors of increasing i (along a row), j (down a column) and k (row × column)."""
@@ -178,22 +175,33 @@ def _vector(text: Any, n: int) -> tuple[float, ...] | None:
     return None if any(v is None for v in nums) else tuple(nums)  # type: ignore[arg-type]
 
 
-def _orientation(text: Any) -> tuple[float, ...] | None:
+def _orientation(text: Any) -> tuple[tuple[float, ...] | None, str | None]:
+    """ImageOrientationPatient, or None and why not."""
     iop = _vector(text, 6)
     if iop is None:
-        return None
+        return None, f"ImageOrientationPatient {_shown(text)} is not 6 numbers"
     row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        return None
-    return iop
+        return None, f"ImageOrientationPatient {_shown(text)} is not two orthogonal unit vectors"
+    return iop, None
 
 
-def _spacing(xy: Any, z: Any) -> tuple[float, float, float] | None:
+def _spacing(xy: Any, z: Any) -> tuple[tuple[float, float, float] | None, list[str]]:
+    """(column, row, slice) spacing in mm, or None and why not."""
     pair, zs = _vector(xy, 2), _float(z)
-    if pair is None or zs is None or zs <= 0 or min(pair) <= 0:
-        return None
+    why = []
+    if pair is None or min(pair) <= 0:
+        why.append(f"XYSpacing {_shown(xy)} is not two positive numbers")
+    if zs is None or zs <= 0:
+        why.append(f"ZSpacing {_shown(z)} is not a positive number")
+    if why or pair is None or zs is None:
+        return None, why
     row_step, col_step = pair  # DICOM PixelSpacing order
-    return (col_step, row_step, zs)
+    return (col_step, row_step, zs), []
+
+
+def _shown(text: Any) -> str:
+    return "(empty)" if text is None or not str(text).strip() else repr(str(text).strip())
 
 
 def _matrix(columns: Any, rows: Any) -> tuple[int, int] | None:
@@ -211,9 +219,7 @@ def read_metadata(paths: Sequence[str | Path]) -> dict[str, Metadata]:
         with file.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = {f.strip().casefold(): f for f in (reader.fieldnames or [])}
-            missing = [
-                n for n in ("VolumeName", "RescaleSlope", "RescaleIntercept") if n.casefold() not in fields
-            ]
+            missing = [n for n in METADATA_COLUMNS if n.casefold() not in fields]
             if missing:
                 raise DataError(
                     f"{file.name}: missing column(s) {', '.join(missing)} (header: {', '.join(fields.values())})"
@@ -226,19 +232,27 @@ def read_metadata(paths: Sequence[str | Path]) -> dict[str, Metadata]:
             for n, row in enumerate(reader, start=1):
                 where = f"{file.name}: row {n} (line {reader.line_num})"
                 name = (cell(row, "VolumeName") or "").strip()
-                slope, inter = _float(cell(row, "RescaleSlope")), _float(cell(row, "RescaleIntercept"))
-                if not name or slope is None or inter is None:
-                    raise DataError(f"{where}: need VolumeName, RescaleSlope and RescaleIntercept")
+                if not name:
+                    raise DataError(f"{where}: empty VolumeName")
+                rescale = {c: _float(cell(row, c)) for c in ("RescaleSlope", "RescaleIntercept")}
+                for column, value in rescale.items():
+                    if value is None:
+                        raise DataError(
+                            f"{where}, column {column}: {_shown(cell(row, column))} is not a number"
+                        )
                 if name in out:
                     raise DataError(f"{where}: VolumeName {name} also in {out[name].where}")
+                spacing, spacing_why = _spacing(cell(row, "XYSpacing"), cell(row, "ZSpacing"))
+                orientation, orientation_why = _orientation(cell(row, "ImageOrientationPatient"))
                 out[name] = Metadata(
-                    slope=slope,
-                    intercept=inter,
-                    spacing=_spacing(cell(row, "XYSpacing"), cell(row, "ZSpacing")),
-                    orientation=_orientation(cell(row, "ImageOrientationPatient")),
+                    slope=rescale["RescaleSlope"],  # type: ignore[arg-type]
+                    intercept=rescale["RescaleIntercept"],  # type: ignore[arg-type]
+                    spacing=spacing,
+                    orientation=orientation,
                     position=_vector(cell(row, "ImagePositionPatient"), 3),  # type: ignore[arg-type]
                     where=where,
                     matrix=_matrix(cell(row, "Columns"), cell(row, "Rows")),
+                    problems=tuple(spacing_why + ([orientation_why] if orientation_why else [])),
                 )
     return out
 
@@ -285,7 +299,7 @@ class CtRateSource:
         return any(part.endswith("_fixed") for part in Path(self.path).parent.parts)
 
     def load(self) -> Volume:
-        problems = self.meta.problems()
+        problems = self.meta.problems
         if problems:
             raise OrientationError(
                 f"{self.describe()}: orientation cannot be established: {'; '.join(problems)} "
@@ -450,6 +464,8 @@ def ctrate_records(
     index = _index_volumes(files.volumes)
 
     candidates: dict[str, list[tuple[VolumeName, ScanRecord]]] = {}
+    unusable_why: dict[str, list[str]] = {}
+    other_splits = 0
     for key, row in rows.items():
         name = key if key.endswith((".nii", ".nii.gz")) else f"{key}.nii.gz"
         try:
@@ -458,6 +474,7 @@ def ctrate_records(
             bad.report(f"{row.where}: {exc}")
             continue
         if parsed.split not in files.splits:
+            other_splits += 1
             continue
         found = index.get(name, {})
         path = _pick_path(found, release)
@@ -469,8 +486,11 @@ def ctrate_records(
         if m is None:
             bad.report(f"{row.where}: volume {name} has no row in the metadata CSV(s)")
             continue
-        if m.problems() and reconstructions == "one-per-scan":
-            logger.debug("%s: not a candidate for its scan (%s)", name, "; ".join(m.problems()))
+        if m.problems and reconstructions == "one-per-scan":
+            logger.info(
+                "%s: not used for scan %s (%s; %s)", name, parsed.scan_id, "; ".join(m.problems), m.where
+            )
+            unusable_why.setdefault(parsed.scan_id, []).append(f"{name}: {'; '.join(m.problems)} ({m.where})")
             candidates.setdefault(parsed.scan_id, [])
             continue
         source = CtRateSource(str(path), m, release)
@@ -483,13 +503,21 @@ def ctrate_records(
     for scan, options in candidates.items():
         if not options:
             unusable += 1
-            bad.report(f"scan {scan}: no reconstruction has usable geometry in the metadata")
+            bad.report(
+                f"scan {scan}: no reconstruction has usable geometry: {' | '.join(unusable_why[scan])}"
+            )
             continue
         if reconstructions == "all":
             records.extend(r for _, r in options)
         else:
             records.append(min(options, key=lambda o: o[0].recon)[1])
     n_volumes = sum(len(v) for v in candidates.values())
+    if other_splits:
+        logger.info(
+            "CT-RATE: %d labelled volumes of other splits than %s not read",
+            other_splits,
+            "/".join(files.splits),
+        )
     logger.info(
         "CT-RATE (%s release, %s): %d volumes of %d scans kept from %d labelled rows",
         release, reconstructions, len(records), len(candidates) - unusable, len(rows),
