@@ -229,3 +229,38 @@ def test_bootstrap_resamples_patients_not_volumes() -> None:
     # two volumes of one patient are one draw: the CI is that of the patients, not a narrower one
     assert by_patient.lower == pytest.approx(once.lower) and by_patient.upper == pytest.approx(once.upper)
     assert by_volume.upper - by_volume.lower < 0.9 * (once.upper - once.lower)
+
+
+def test_the_ctrate_recipe_trains_and_evaluates_on_the_official_split(
+    studies: dict[str, list[Path]], tmp_path: Path
+) -> None:
+    """``hyperct train ctrate`` + ``hyperct evaluate`` wiring: official split, per-scan scores, patients."""
+    from training.config import load_config
+    from training.evaluate import evaluate_checkpoint
+    from training.train import train
+
+    s = read_series(studies["HFS"])
+    rows = {}
+    for i, name in enumerate(["train_1_a_1", "train_2_a_1", "train_3_a_1", "train_4_a_1", "train_5_a_1",
+                              "valid_1_a_1", "valid_1_a_2", "valid_2_a_1", "valid_3_b_1", "valid_4_a_1"]):  # fmt: skip
+        n = f"{name}.nii.gz"
+        write_volume(volume_path(tmp_path / "dataset", n, "fixed"), s, "fixed")
+        j = i - (name == "valid_1_a_2")  # two reconstructions of one scan: one report, one label
+        rows[n] = (metadata_row(n, s), {"Cardiomegaly": j % 2, "Pleural effusion": (j // 2) % 2})
+    write_csvs(tmp_path / "dataset", rows)
+    small = {"spacing_mm": [8.0, 8.0, 8.0], "image_size": [48, 48], "n_slices": 45, "train_jitter_mm": 16.0}
+    cfg = load_config(
+        "ctrate",
+        [f"data.root={tmp_path / 'dataset'}", "data.ctrate.reconstructions=all", "data.split.val=0.4",
+         "data.workers=0", "model.backbone=tiny", "model.head_in_dim=32", "epochs=1", "batch_size=4",
+         "progress=false", "device=cpu"],
+        extra={"preprocessing": small},
+    )  # fmt: skip
+    run = train(cfg, tmp_path / "run")
+    splits = (tmp_path / "run" / "splits.csv").read_text()
+    assert all(f"valid_{p},test" in splits for p in (1, 2, 3, 4)) and "train_1," in splits
+    out = evaluate_checkpoint(run.best_checkpoint, cfg, tmp_path / "eval", n_bootstrap=50, roc_plots=False)
+    assert out.result.n_scans == 4  # valid_1_a's two reconstructions are one scan
+    assert out.result.config.bootstrap_unit.startswith("patient (4 patients)")
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "unit: patient (4 patients)" in report and "| overall |" in report.lower()

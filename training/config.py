@@ -113,6 +113,10 @@ class SplitConfig(_Section):
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
+        if self.kind == "official":  # only val is drawn (from the official train patients)
+            if not 0 <= self.val < 1:
+                raise ValueError(f"val must be in [0, 1) for the official split, got {self.val:g}")
+            return self
         fractions = (self.train, self.val, self.test)
         if not (all(f >= 0 for f in fractions) and self.train > 0):
             raise ValueError("fractions must be >= 0, train > 0")

@@ -99,7 +99,8 @@ def markdown_report(
     lines = [f"# {title}", ""]
     lines.append(
         f"{result.n_scans} scans, {len(result.tasks)} tasks. AUROC/AUPRC with {cfg.ci_level:.0%} bootstrap CIs "
-        f"({cfg.n_bootstrap} resamples of scans, {cfg.ci_method}, seed {cfg.seed}); ECE with {cfg.n_bins} "
+        f"({cfg.n_bootstrap} resamples, unit: {cfg.bootstrap_unit}; {cfg.ci_method}, seed {cfg.seed}); "
+        f"ECE with {cfg.n_bins} "
         f"equal-width bins; thresholds picked on the **{cfg.thresholds_picked_on}** data and shown with "
         "their performance on the evaluated data. n/c = not computable."
     )
