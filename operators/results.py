@@ -236,9 +236,10 @@ class ModelInfo:
 class StudyResult:
     """All task results for the one selected series of a study.
 
-    ``sop_instance_uids`` lists the selected series' instances in the slice order of the attention maps
-    (``Volume.sop_instance_uids``); the SEG writer aligns frames by these UIDs, never by file order or
-    InstanceNumber.
+    ``sop_instance_uids`` names the source instance of each slice, in the slice order of the attention
+    maps (``Volume.sop_instance_uids``); for multi-frame CT, ``frame_numbers`` names the frame of each
+    slice in its instance (``Volume.frame_numbers``; None for single-frame series). The SEG writer aligns
+    frames by these, never by file order or InstanceNumber.
     """
 
     study_instance_uid: str
@@ -247,6 +248,7 @@ class StudyResult:
     tasks: tuple[TaskResult, ...]
     model: ModelInfo
     frame_of_reference_uid: str | None = None
+    frame_numbers: tuple[int, ...] | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     selection: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, Any] = field(default_factory=dict)
@@ -260,8 +262,15 @@ class StudyResult:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         if not self.sop_instance_uids:
             raise ValueError("StudyResult.sop_instance_uids is empty")
-        if len(set(self.sop_instance_uids)) != len(self.sop_instance_uids):
-            raise ValueError("StudyResult.sop_instance_uids contains duplicates")
+        if self.frame_numbers is not None:
+            object.__setattr__(self, "frame_numbers", tuple(self.frame_numbers))
+            if len(self.frame_numbers) != len(self.sop_instance_uids):
+                raise ValueError(
+                    f"StudyResult.frame_numbers has {len(self.frame_numbers)} entries for "
+                    f"{len(self.sop_instance_uids)} slices"
+                )
+        if len(set(self.slice_sources)) != len(self.sop_instance_uids):
+            raise ValueError("StudyResult.sop_instance_uids (with frame_numbers) contains duplicates")
         if not self.tasks:
             raise ValueError("StudyResult.tasks is empty; a result has at least one task")
         keys = [t.key for t in self.tasks]
@@ -275,6 +284,17 @@ class StudyResult:
                     f"TaskResult({t.key!r}).attention has {t.attention.shape[0]} slices, "
                     f"the selected series {n} (StudyResult.sop_instance_uids)"
                 )
+
+    @property
+    def slice_sources(self) -> tuple[tuple[str, int | None], ...]:
+        """(SOP Instance UID, frame number or None) of each slice."""
+        frames = self.frame_numbers or (None,) * len(self.sop_instance_uids)
+        return tuple(zip(self.sop_instance_uids, frames, strict=True))
+
+    @property
+    def instance_uids(self) -> tuple[str, ...]:
+        """The distinct source instances, in the order their first slice appears."""
+        return tuple(dict.fromkeys(self.sop_instance_uids))
 
     def task(self, key: str) -> TaskResult:
         for t in self.tasks:
@@ -292,8 +312,9 @@ class StudyResult:
             "study_instance_uid": self.study_instance_uid,
             "series_instance_uid": self.series_instance_uid,
             "frame_of_reference_uid": self.frame_of_reference_uid,
-            "n_instances": len(self.sop_instance_uids),
+            "n_instances": len(self.instance_uids),
             "sop_instance_uids": list(self.sop_instance_uids),
+            "frame_numbers": list(self.frame_numbers) if self.frame_numbers is not None else None,
             "selection": dict(self.selection),
             "model": self.model.to_dict(),
             "tasks": [t.to_dict() for t in self.tasks],
@@ -370,7 +391,8 @@ def _header(ds: Any) -> Any:
 
 
 def source_headers(result: StudyResult, datasets: Sequence[Any]) -> list[Any]:
-    """The selected series' instances as pixel-free headers, ordered like ``result.sop_instance_uids``.
+    """The selected series' instances as pixel-free headers, one per instance, in the order of
+    ``result.instance_uids`` (for a single-frame series: one per slice, in slice order).
 
     Every writer goes through here, so each refuses sources that do not belong to the result (wrong
     study or series, missing instances) with an error naming the attribute. Instances of the series
@@ -392,7 +414,7 @@ def source_headers(result: StudyResult, datasets: Sequence[Any]) -> list[Any]:
                 f"series {result.series_instance_uid}"
             )
         by_uid.setdefault(uid, ds)
-    missing = [u for u in result.sop_instance_uids if u not in by_uid]
+    missing = [u for u in result.instance_uids if u not in by_uid]
     if missing:
         raise ValueError(
             f"{len(missing)} SOPInstanceUID(s) of the result are not among the source datasets, "
@@ -406,10 +428,10 @@ def source_headers(result: StudyResult, datasets: Sequence[Any]) -> list[Any]:
             result.series_instance_uid,
         )
     if result.frame_of_reference_uid:
-        for_uids = {str(by_uid[u].get("FrameOfReferenceUID", "")) for u in result.sop_instance_uids}
+        for_uids = {str(by_uid[u].get("FrameOfReferenceUID", "")) for u in result.instance_uids}
         if for_uids != {result.frame_of_reference_uid}:
             raise ValueError(
                 f"source FrameOfReferenceUID {sorted(for_uids)} differs from the result's "
                 f"{result.frame_of_reference_uid}"
             )
-    return [_header(by_uid[u]) for u in result.sop_instance_uids]
+    return [_header(by_uid[u]) for u in result.instance_uids]

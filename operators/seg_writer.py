@@ -10,7 +10,8 @@ region. It never claims to outline the lesion.
 BINARY by default (OHIF and 3D Slicer show it), FRACTIONAL (PROBABILITY, 8 bit) on request; empty
 frames omitted; ``None`` when no segment would be written (highdicom refuses zero segments, and an
 empty SEG would only clutter the study). Frames are aligned to source instances by SOPInstanceUID
-(``StudyResult.sop_instance_uids`` is the attention maps' slice order), never by file order.
+(``StudyResult.sop_instance_uids`` is the attention maps' slice order), never by file order; for a
+multi-frame source (Enhanced CT), by SOPInstanceUID and frame number (``StudyResult.frame_numbers``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from operators.concepts import ARTIFICIAL_INTELLIGENCE, SALIENCY, SPATIAL_AND_RELATIONAL_CONCEPT, coded
@@ -33,6 +35,7 @@ from operators.dicom_output import (
     task_tracking_uid,
     tracking_id,
 )
+from operators.multiframe import frame_headers
 from operators.results import Concept, StudyResult, TaskResult, source_headers
 from operators.uids import NODE_MANUFACTURER, Equipment
 
@@ -199,6 +202,63 @@ def _description(
     return desc
 
 
+@dataclass(frozen=True, eq=False)
+class _Placement:
+    """How the SEG's planes meet the source: which slices become planes, in what order, and what
+    highdicom is told about the source images."""
+
+    slices: np.ndarray  # slice indices (StudyResult order) of the planes, in plane order
+    source_images: list[Dataset]
+    further_source_images: list[Dataset] | None = None
+    plane_positions: list[hd.PlanePositionSequence] | None = None
+
+
+def _placement(result: StudyResult, sources: list[Dataset], keep: np.ndarray) -> _Placement:
+    """Single-frame series: one source image per plane (highdicom references each). One multi-frame
+    instance: every frame in frame order (highdicom drops the empty ones and references each plane's
+    frame by ReferencedFrameNumber). Several multi-frame instances: highdicom takes one multi-frame
+    source only, so the others join as further source images (referenced in the series) and planes
+    are placed by their positions, without per-frame derivation references.
+    """
+    if result.frame_numbers is None:
+        return _Placement(keep, [sources[i] for i in keep])
+    sources = [_shared_geometry(ds) for ds in sources]
+    if len(sources) == 1:
+        return _Placement(np.argsort(result.frame_numbers, kind="stable"), sources)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    frames = {uid: frame_headers(ds, f"source SOP {uid}") for uid, ds in by_uid.items()}
+    positions = [
+        hd.PlanePositionSequence(
+            hd.CoordinateSystemNames.PATIENT,
+            frames[result.sop_instance_uids[k]][result.frame_numbers[k] - 1].ImagePositionPatient,
+        )
+        for k in keep
+    ]
+    return _Placement(keep, sources[:1], sources[1:], positions)
+
+
+#: What highdicom reads from a multi-frame source's Shared Functional Groups only.
+_SHARED_BY_HIGHDICOM = ("PlaneOrientationSequence", "PixelMeasuresSequence")
+
+
+def _shared_geometry(header: Dataset) -> Dataset:
+    """``header`` (a pixel-free copy: ``results.source_headers``) with frame 1's orientation and pixel
+    measures in its Shared Functional Groups when the source repeats them per frame, which is legal
+    (and uniform: the volume reader checked) but which highdicom does not read."""
+    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    missing = [g for g in _SHARED_BY_HIGHDICOM if g not in shared]
+    if not missing:
+        return header
+    item = Dataset()
+    item.update(shared)
+    first = header.PerFrameFunctionalGroupsSequence[0]
+    for group in missing:
+        item[group] = first[group]
+    # A new element, not an assignment to the value the header shares with the source dataset.
+    header["SharedFunctionalGroupsSequence"] = DataElement("SharedFunctionalGroupsSequence", "SQ", [item])
+    return header
+
+
 def build_seg(
     result: StudyResult,
     source_datasets: Sequence[Dataset],
@@ -232,29 +292,33 @@ def build_seg(
         )
         return None
     sources = source_headers(result, source_datasets)
+    n = len(result.sop_instance_uids)
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     for p in plans:
-        if p.values.shape != (len(sources), rows, cols):
+        if p.values.shape != (n, rows, cols):
             raise ValueError(
                 f"TaskResult({p.task.key!r}).attention shape {p.values.shape} is not the source geometry "
-                f"{(len(sources), rows, cols)} (slices, Rows, Columns)"
+                f"{(n, rows, cols)} (slices, Rows, Columns)"
             )
     fractional = segmentation_type == "FRACTIONAL"
     if omit_empty_frames:
-        used = np.zeros(len(sources), dtype=bool)
+        used = np.zeros(n, dtype=bool)
         for p in plans:
-            used |= p.values.reshape(len(sources), -1).any(axis=1)
+            used |= p.values.reshape(n, -1).any(axis=1)
         keep = np.flatnonzero(used)
     else:
-        keep = np.arange(len(sources))
-    pixels = np.stack([p.values[keep] for p in plans], axis=-1)  # [frames, rows, cols, segments]
+        keep = np.arange(n)
+    placement = _placement(result, sources, keep)
+    pixels = np.stack([p.values[placement.slices] for p in plans], axis=-1)  # [frames, rows, cols, segments]
     if not fractional:
         pixels = pixels.astype(np.uint8)
     used_designators = {
         c.scheme_designator for p in plans for c in (p.task.concept, p.task.finding_site) if c is not None
     }
     seg = hd.seg.Segmentation(
-        source_images=[sources[i] for i in keep],
+        source_images=placement.source_images,
+        further_source_images=placement.further_source_images,
+        plane_positions=placement.plane_positions,
         pixel_array=pixels,
         segmentation_type=segmentation_type,
         segment_descriptions=[_description(result, n + 1, p, fractional) for n, p in enumerate(plans)],

@@ -23,7 +23,15 @@ import pydicom
 from pydantic import Field, field_validator
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    MediaStorageDirectoryStorage,
+)
 
+from operators.multiframe import summary_header
 from operators.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -35,12 +43,14 @@ HEADER_TAGS = [
     "ContrastBolusRoute", "BodyPartExamined", "SeriesDescription", "StudyDescription",
     "ImageOrientationPatient", "ImagePositionPatient", "PatientPosition", "SeriesNumber",
     "AccessionNumber", "StudyDate", "NumberOfFrames", "Rows", "Columns", "InstanceNumber",
-    "FrameOfReferenceUID", "AcquisitionNumber",
+    "FrameOfReferenceUID", "AcquisitionNumber", "ContrastBolusAgentSequence",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
 ]  # fmt: skip
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+CT_IMAGE_STORAGE = str(CTImageStorage)
+ENHANCED_CT_IMAGE_STORAGE = str(EnhancedCTImageStorage)
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = str(LegacyConvertedEnhancedCTImageStorage)
+DICOMDIR_SOP_CLASS = str(MediaStorageDirectoryStorage)
 
 
 class SelectionRules(Settings):
@@ -49,15 +59,23 @@ class SelectionRules(Settings):
     ``body_parts`` lists accepted BodyPartExamined values (case-insensitive); an absent or empty
     value is accepted when ``allow_unspecified_body_part`` is true (many scanners leave it empty).
     ``contrast``: "forbid" refuses a series with ContrastBolusAgent set (or a description saying
-    contrast), "ignore" does not look. Built from ``app.yaml`` (section ``series-selection``) or a
-    training recipe with :meth:`from_dict`: hyphenated or underscored keys, unknown keys refused.
+    contrast), "ignore" does not look. ``enhanced_image_type_required`` replaces
+    ``image_type_required`` for Enhanced CT, whose ImageType Value 3 is an image flavor such as VOLUME
+    rather than the plane (PS3.3 C.8.16.1.3): its axial plane is checked from the orientation only.
+    Built from ``app.yaml`` (section ``series-selection``) or a training recipe with
+    :meth:`from_dict`: hyphenated or underscored keys, unknown keys refused.
     """
 
     section: ClassVar[str] = "series-selection"
 
     modalities: tuple[str, ...] = ("CT",)
-    sop_classes: tuple[str, ...] = (CT_IMAGE_STORAGE,)
+    sop_classes: tuple[str, ...] = (
+        CT_IMAGE_STORAGE,
+        ENHANCED_CT_IMAGE_STORAGE,
+        LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
+    )
     image_type_required: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
+    enhanced_image_type_required: tuple[str, ...] = ("ORIGINAL", "PRIMARY")
     image_type_forbidden: tuple[str, ...] = ("LOCALIZER", "DERIVED", "SECONDARY", "MIP", "MPR")
     slice_thickness_mm: tuple[float, float] = (0.5, 3.0)
     min_slices: int = Field(default=50, ge=1)
@@ -104,7 +122,11 @@ class SeriesSummary:
 
     def describe(self) -> str:
         desc = self.series_description or "no description"
-        return f"series {self.series_number} '{desc}' ({self.modality}, {self.n_instances} instances, {self.series_instance_uid})"
+        frames = f", {self.n_frames} frames" if self.n_frames != self.n_instances else ""
+        return (
+            f"series {self.series_number} '{desc}' ({self.modality}, {self.n_instances} instances{frames}, "
+            f"{self.series_instance_uid})"
+        )
 
 
 @dataclass
@@ -165,6 +187,13 @@ def _float(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
+def _frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1  # malformed: the volume reader refuses the instance, naming the attribute
+
+
 def read_header(path: Path) -> Dataset | None:
     """Header-only read; None for non-DICOM files (logged at debug level, never raised)."""
     try:
@@ -175,9 +204,15 @@ def read_header(path: Path) -> Dataset | None:
 
 
 def summarize_series(items: Iterable[tuple[Path, Dataset]]) -> list[SeriesSummary]:
-    """Group (path, header) pairs into series summaries, in a stable order (series number, UID)."""
+    """Group (path, header) pairs into series summaries, in a stable order (series number, UID).
+
+    Multi-frame CT keeps SliceThickness, ImageOrientationPatient and the contrast agent in functional
+    groups; they are read from there (``operators.multiframe.summary_header``), so an Enhanced CT
+    series meets the same rules as any other.
+    """
     series: dict[tuple[str, str], SeriesSummary] = {}
-    for path, ds in items:
+    for path, instance in items:
+        ds = summary_header(instance)
         study = _str(ds, "StudyInstanceUID")
         uid = _str(ds, "SeriesInstanceUID")
         if not study or not uid or _str(ds, "SOPClassUID") == DICOMDIR_SOP_CLASS:
@@ -202,7 +237,7 @@ def summarize_series(items: Iterable[tuple[Path, Dataset]]) -> list[SeriesSummar
                 patient_id=_str(ds, "PatientID"),
             )
         s.files.append(path)
-        s.n_frames += int(ds.get("NumberOfFrames", 1) or 1)
+        s.n_frames += _frames(ds)
     return sorted(series.values(), key=lambda s: (s.study_instance_uid, s.series_number or 0, s.series_instance_uid))
 
 
@@ -231,17 +266,27 @@ def _axial_deviation_deg(orientation: tuple[float, ...] | None) -> float | None:
     return math.degrees(math.acos(min(1.0, abs(n[2]) / norm)))
 
 
+def _sop_class_name(uid: str) -> str:
+    if not uid:
+        return "missing"
+    name = UID(uid).name
+    return name if name != uid else f"{uid} (unknown)"
+
+
 def evaluate_series(s: SeriesSummary, rules: SelectionRules) -> list[str]:
     """Every rule the series breaks, in words an imaging-IT team can act on (empty = eligible)."""
     reasons: list[str] = []
     if s.modality not in rules.modalities:
         reasons.append(f"modality {s.modality or 'missing'} is not {'/'.join(rules.modalities)}")
     if rules.sop_classes and s.sop_class_uid not in rules.sop_classes:
-        if s.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE:
-            reasons.append("Enhanced (multi-frame) CT is not supported yet")
-        else:
-            reasons.append(f"SOP class {s.sop_class_uid or 'missing'} is not CT Image Storage")
-    missing = [t for t in rules.image_type_required if t not in s.image_type]
+        accepted = ", ".join(_sop_class_name(u) for u in rules.sop_classes)
+        reasons.append(f"SOP class {_sop_class_name(s.sop_class_uid)} is not one of {accepted}")
+    required = (
+        rules.enhanced_image_type_required
+        if s.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE
+        else rules.image_type_required
+    )
+    missing = [t for t in required if t not in s.image_type]
     if missing:
         reasons.append(f"ImageType {'/'.join(s.image_type) or 'missing'} lacks {'/'.join(missing)}")
     forbidden = [t for t in rules.image_type_forbidden if t in s.image_type]
@@ -276,7 +321,7 @@ def evaluate_series(s: SeriesSummary, rules: SelectionRules) -> list[str]:
 
 
 def select_series(series: Sequence[SeriesSummary], rules: SelectionRules | None = None) -> SelectionResult:
-    """Pick the best eligible series: thinnest slices, then most instances, then lowest series number."""
+    """Pick the best eligible series: thinnest slices, then most slices (frames), then lowest series number."""
     rules = rules or SelectionRules()
     verdicts = [SeriesVerdict(s, evaluate_series(s, rules)) for s in series]
     eligible = [v.series for v in verdicts if v.eligible]
@@ -290,11 +335,11 @@ def select_series(series: Sequence[SeriesSummary], rules: SelectionRules | None 
         return SelectionResult(None, verdicts, "no eligible series. " + " | ".join(parts))
     best = min(
         eligible,
-        key=lambda s: (s.slice_thickness_mm or math.inf, -s.n_instances, s.series_number or 0, s.series_instance_uid),
+        key=lambda s: (s.slice_thickness_mm or math.inf, -s.n_frames, s.series_number or 0, s.series_instance_uid),
     )
     why = (
         f"selected {best.describe()}: thinnest eligible slices ({best.slice_thickness_mm:g} mm)"
-        f"{', most instances' if len(eligible) > 1 else ''} among {len(eligible)} eligible of {len(series)} series"
+        f"{', most slices' if len(eligible) > 1 else ''} among {len(eligible)} eligible of {len(series)} series"
     )
     logger.info(why)
     return SelectionResult(best, verdicts, why)

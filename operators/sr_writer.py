@@ -46,6 +46,7 @@ from operators.dicom_output import (
     task_tracking_uid,
     tracking_id,
 )
+from operators.multiframe import summary_header
 from operators.results import ModelInfo, StudyResult, TaskResult, source_headers
 from operators.uids import Equipment
 
@@ -241,9 +242,10 @@ def image_library_container(
     descriptors are shared by all its images, then one IMAGE "Source" entry per instance.
 
     Why not highdicom's ``ImageLibrary``: it repeats every descriptor on every image (about 4,000
-    content items and 12 s for a 300-slice series); here the series-level facts are stated once.
+    content items and 12 s for a 300-slice series); here the series-level facts are stated once. A
+    multi-frame source (Enhanced CT) is one entry, its descriptors read from its functional groups.
     """
-    first = sources[0]
+    first = summary_header(sources[0])
     descriptors: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(
             name=codes.DCM.Modality,

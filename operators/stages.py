@@ -105,6 +105,7 @@ def infer_case(case: StudyCase, runner: HyperCTRunner, model: ModelInfo) -> None
         study_instance_uid=case.study_instance_uid,
         series_instance_uid=str(volume.series_instance_uid),
         sop_instance_uids=tuple(volume.sop_instance_uids or ()),
+        frame_numbers=volume.frame_numbers,
         tasks=tuple(tasks),
         model=model,
         frame_of_reference_uid=volume.frame_of_reference_uid,

@@ -74,9 +74,12 @@ def _summary(result: StudyResult) -> list[str]:
 def _procedure(result: StudyResult, software_version: str) -> str:
     m = result.model
     synthetic = " Synthetic demo model." if m.synthetic else ""
+    images = f"{len(result.sop_instance_uids)} images"
+    if result.frame_numbers is not None:
+        images = f"{len(result.sop_instance_uids)} frames of {len(result.instance_uids)} multi-frame image(s)"
     return (
         f"Automated analysis of CT series {result.series_instance_uid} "
-        f"({len(result.sop_instance_uids)} images) by HyperCT model {m.name} version {m.version} "
+        f"({images}) by HyperCT model {m.name} version {m.version} "
         f"(manifest SHA-256 {m.manifest_sha256}) on "
         f"{NODE_MODEL_NAME} {software_version}; {len(result.tasks)} task(s).{synthetic}"
     )

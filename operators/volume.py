@@ -20,12 +20,13 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 
 from operators.settings import Settings
 
@@ -37,6 +38,7 @@ __all__ = [
     "GantryTiltError",
     "InconsistentGeometryError",
     "InconsistentOrientationError",
+    "InvalidMultiFrameError",
     "IrregularSpacingError",
     "MissingTagError",
     "MixedSeriesError",
@@ -77,7 +79,12 @@ class UnsupportedImageError(VolumeError):
 
 
 class MultiFrameNotSupportedError(UnsupportedImageError):
-    """Multi-frame objects (Enhanced CT, Legacy Converted Enhanced CT) are refused for now."""
+    """A multi-frame object other than Enhanced CT or Legacy Converted Enhanced CT (e.g. Enhanced MR)."""
+
+
+class InvalidMultiFrameError(VolumeError):
+    """A multi-frame object whose frames cannot be told apart (NumberOfFrames malformed, or not the
+    number of per-frame functional groups)."""
 
 
 class MixedSeriesError(VolumeError):
@@ -118,7 +125,9 @@ class Volume:
     """HU voxels ``[k, j, i]`` plus the affine from index ``(i, j, k, 1)`` to LPS mm.
 
     The source identity fields let later writers (SEG, SR) reference exactly the images a result was
-    computed from; they are ``None`` for NIfTI input.
+    computed from; they are ``None`` for NIfTI input. ``sop_instance_uids`` names the instance of each
+    slice k; for multi-frame CT, ``frame_numbers`` names its frame (1-based) in that instance, and is
+    ``None`` for single-frame series.
     """
 
     hu: np.ndarray
@@ -127,6 +136,7 @@ class Volume:
     series_instance_uid: str | None = None
     frame_of_reference_uid: str | None = None
     study_instance_uid: str | None = None
+    frame_numbers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3 or min(self.hu.shape) < 1:
@@ -144,6 +154,13 @@ class Volume:
         if self.sop_instance_uids is not None and len(self.sop_instance_uids) != self.hu.shape[0]:
             raise VolumeError(
                 f"{len(self.sop_instance_uids)} SOP Instance UIDs for {self.hu.shape[0]} slices"
+            )
+        if self.frame_numbers is not None and (
+            self.sop_instance_uids is None or len(self.frame_numbers) != self.hu.shape[0]
+        ):
+            raise VolumeError(
+                f"{len(self.frame_numbers)} frame numbers for {self.hu.shape[0]} slices "
+                "(and each needs a SOP Instance UID)"
             )
 
     @property
@@ -177,13 +194,6 @@ class Volume:
 # DICOM
 # --------------------------------------------------------------------------------------------------
 
-_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-_MULTIFRAME_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
-}
 _REQUIRED = (
     "SOPInstanceUID",
     "Rows",
@@ -213,6 +223,17 @@ class _SliceHeader:
     slope: float
     intercept: float
     gantry_tilt: float | None
+    frame: int | None = None  # 1-based frame of a multi-frame instance; None for a single-frame one
+
+    @property
+    def where(self) -> str:
+        """The file (or dataset) and frame, for messages."""
+        return _describe(self.path, self.index) + (f" frame {self.frame}" if self.frame is not None else "")
+
+    @property
+    def label(self) -> str:
+        """The SOP instance (and frame), for messages."""
+        return f"SOP {self.sop_uid}" + (f" frame {self.frame}" if self.frame is not None else "")
 
 
 def _is_empty(value: object) -> bool:
@@ -228,26 +249,27 @@ def _describe(source: str | None, index: int) -> str:
     return source if source is not None else f"dataset #{index}"
 
 
-def _read_header(index: int, item: str | os.PathLike[str] | Dataset) -> _SliceHeader:
+def _read_headers(index: int, item: str | os.PathLike[str] | Dataset) -> list[_SliceHeader]:
+    """One header per slice: one for a single-frame instance, one per frame of a multi-frame CT."""
+    from operators.multiframe import frame_headers, is_multiframe  # it builds on this module's errors
+
     if isinstance(item, Dataset):
-        ds, path = item, None
+        ds = item
+        name = getattr(ds, "filename", None)  # a dataset read from a file is named by it in messages
+        path = os.fspath(name) if isinstance(name, str | os.PathLike) else None
     else:
         path = os.fspath(item)
         ds = pydicom.dcmread(path)  # once, with pixels: reading the header and the pixels apart costs 2x
     where = _describe(path, index)
+    if not is_multiframe(ds):
+        return [_read_header(index, ds, path, where)]
+    return [
+        replace(_read_header(index, frame, path, f"{where} frame {n}"), ds=ds, frame=n)
+        for n, frame in enumerate(frame_headers(ds, where), start=1)
+    ]
 
-    sop_class = str(ds.get("SOPClassUID", ""))
-    frames = ds.get("NumberOfFrames")
-    if sop_class in _MULTIFRAME_SOP_CLASSES:
-        raise MultiFrameNotSupportedError(
-            f"{where}: {_MULTIFRAME_SOP_CLASSES[sop_class]} ({sop_class}) is a multi-frame object; "
-            "only single-frame series (e.g. CT Image Storage) are supported for now"
-        )
-    if frames is not None and int(frames) > 1:
-        raise MultiFrameNotSupportedError(
-            f"{where}: multi-frame object with NumberOfFrames={int(frames)} (SOP class {sop_class or 'absent'}); "
-            "only single-frame series are supported for now"
-        )
+
+def _read_header(index: int, ds: Dataset, path: str | None, where: str) -> _SliceHeader:
     missing = [kw for kw in _REQUIRED if _is_empty(ds.get(kw))]
     if missing:
         raise MissingTagError(f"{where}: missing required attribute(s) {', '.join(missing)}", missing)
@@ -307,12 +329,14 @@ _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _NATIVE_DTYPES = {(16, 0): "<u2", (16, 1): "<i2", (8, 0): "u1", (8, 1): "i1"}
 
 
-def _pixels(ds: Dataset) -> np.ndarray:
-    """Stored pixel values of one frame; a zero-copy view for native little-endian data.
+def _pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """Stored pixel values of one slice (``frame``, 1-based, of a multi-frame instance); a zero-copy
+    view for native little-endian data.
 
     ``pixel_array`` handles every codec but costs several ms per slice in checks; uncompressed CT
     (most of what a PACS sends) is just the bytes. Values must equal what pydicom returns: when
-    BitsStored < BitsAllocated we fall back unless the high bits are clear (unsigned).
+    BitsStored < BitsAllocated we fall back unless the high bits are clear (unsigned). A compressed
+    multi-frame instance is decoded one frame at a time, never whole.
     """
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -321,12 +345,16 @@ def _pixels(ds: Dataset) -> np.ndarray:
         rows, cols = int(ds.Rows), int(ds.Columns)
         data = ds.PixelData
         count = rows * cols
-        if len(data) >= count * key[0] // 8:
-            arr = np.frombuffer(data, dtype=_NATIVE_DTYPES[key], count=count).reshape(rows, cols)
+        offset = (frame - 1 if frame else 0) * count * key[0] // 8
+        if len(data) >= offset + count * key[0] // 8:
+            arr = np.frombuffer(data, dtype=_NATIVE_DTYPES[key], count=count, offset=offset)
+            arr = arr.reshape(rows, cols)
             stored = int(ds.get("BitsStored", key[0]))
             if stored == key[0] or (key[1] == 0 and int(arr.max()) < (1 << stored)):
                 return arr
-    return ds.pixel_array
+    if frame is None:
+        return ds.pixel_array
+    return pixel_array(ds, index=frame - 1)
 
 
 def _check_same(headers: Sequence[_SliceHeader], attr: str, label: str, error: type[VolumeError]) -> None:
@@ -339,18 +367,21 @@ def _check_same(headers: Sequence[_SliceHeader], attr: str, label: str, error: t
 
 def _dedupe(headers: list[_SliceHeader]) -> list[_SliceHeader]:
     """Drop exact re-sends of one SOP instance (same UID, same position), which a PACS may do."""
-    seen: dict[str, _SliceHeader] = {}
+    seen: dict[tuple[str, int | None], _SliceHeader] = {}
+    resent: set[str] = set()
     out = []
     for h in headers:
-        prior = seen.get(h.sop_uid)
+        prior = seen.get((h.sop_uid, h.frame))
         if prior is None:
-            seen[h.sop_uid] = h
+            seen[(h.sop_uid, h.frame)] = h
             out.append(h)
         elif np.allclose(prior.ipp, h.ipp, atol=1e-4):
-            logger.warning("SOP Instance %s given twice; using it once", h.sop_uid)
+            if h.sop_uid not in resent:
+                logger.warning("SOP Instance %s given twice; using it once", h.sop_uid)
+                resent.add(h.sop_uid)
         else:
             raise DuplicateSliceError(
-                f"SOP Instance UID {h.sop_uid} appears at two positions {prior.ipp.tolist()} and {h.ipp.tolist()}"
+                f"{h.label} appears at two positions {prior.ipp.tolist()} and {h.ipp.tolist()}"
             )
     return out
 
@@ -362,11 +393,14 @@ def load_dicom_series(
     spacing_tolerance: float = 0.1,
     max_drift_px: float = 0.5,
 ) -> Volume:
-    """Read one single-frame DICOM series (file paths or pydicom datasets) into a :class:`Volume`.
+    """Read one DICOM series (file paths or pydicom datasets) into a :class:`Volume`.
 
     Slices are ordered by the projection of ImagePositionPatient on the slice normal (row cosine x
     column cosine), never by InstanceNumber, so the k axis always points along the normal. HU are
-    ``stored * RescaleSlope + RescaleIntercept`` per slice, in float32 (exact for CT integers).
+    ``stored * RescaleSlope + RescaleIntercept`` per slice, in float32 (exact for CT integers). The
+    series is single-frame instances, or Enhanced / Legacy Converted Enhanced CT instances whose
+    frames count as slices (``operators.multiframe`` lifts each frame's functional groups), never
+    both.
 
     Args:
         items: paths or datasets of one series, in any order.
@@ -379,9 +413,17 @@ def load_dicom_series(
     Raises:
         VolumeError: a subclass naming what is wrong (see the module's error classes).
     """
-    headers = [_read_header(n, item) for n, item in enumerate(items)]
+    headers = [h for n, item in enumerate(items) for h in _read_headers(n, item)]
     if not headers:
         raise EmptySeriesError("no DICOM instances given")
+    multiframe = {h.frame is not None for h in headers}
+    if len(multiframe) > 1:
+        single = next(h for h in headers if h.frame is None)
+        multi = next(h for h in headers if h.frame is not None)
+        raise MixedSeriesError(
+            f"single-frame ({single.where}) and multi-frame ({multi.where}) instances in one series: "
+            "which of them is the volume is ambiguous"
+        )
     headers = _dedupe(headers)
     _check_same(headers, "series_uid", "SeriesInstanceUID", MixedSeriesError)
     _check_same(headers, "for_uid", "FrameOfReferenceUID", MixedSeriesError)
@@ -391,8 +433,10 @@ def load_dicom_series(
         raise InconsistentGeometryError(f"mixed Rows x Columns in one series: {listing}")
     spacings = np.array([h.pixel_spacing for h in headers])
     if np.ptp(spacings, axis=0).max() > 1e-4 * spacings.max():
+        odd = headers[int(np.argmax(np.abs(spacings - spacings[0]).max(axis=1)))]
         raise InconsistentGeometryError(
-            f"mixed PixelSpacing in one series: {sorted({tuple(s) for s in spacings.tolist()})}"
+            f"mixed PixelSpacing in one series: {sorted({tuple(s) for s in spacings.tolist()})} "
+            f"({headers[0].where}: {list(headers[0].pixel_spacing)}, {odd.where}: {list(odd.pixel_spacing)})"
         )
     iops = np.stack([h.iop for h in headers])
     deviation = np.abs(iops - iops[0]).max(axis=1)
@@ -400,8 +444,7 @@ def load_dicom_series(
         bad = headers[int(np.argmax(deviation))]
         raise InconsistentOrientationError(
             f"mixed ImageOrientationPatient in one series: {headers[0].iop.round(4).tolist()} "
-            f"({_describe(headers[0].path, headers[0].index)}) vs {bad.iop.round(4).tolist()} "
-            f"({_describe(bad.path, bad.index)})"
+            f"({headers[0].where}) vs {bad.iop.round(4).tolist()} ({bad.where})"
         )
 
     iop = iops.mean(axis=0)
@@ -424,7 +467,7 @@ def load_dicom_series(
             a, b = headers[dup[0]], headers[dup[0] + 1]
             raise DuplicateSliceError(
                 f"{dup.size} duplicate slice position(s); first at {dist[dup[0]]:.3f} mm along the normal: "
-                f"SOP {a.sop_uid} and SOP {b.sop_uid}"
+                f"{a.label} and {b.label}"
             )
         along = dist[-1] - dist[0]
         drift = ipps[-1] - ipps[0] - along * normal
@@ -447,7 +490,7 @@ def load_dicom_series(
         if wobble.max() > max_drift_px * pixel:
             worst = int(np.argmax(wobble))
             raise InconsistentGeometryError(
-                f"slice positions are not collinear: slice {worst} (SOP {headers[worst].sop_uid}) is "
+                f"slice positions are not collinear: slice {worst} ({headers[worst].label}) is "
                 f"{wobble[worst]:.2f} mm off the line through the first and last positions"
             )
         median = float(np.median(steps))
@@ -477,19 +520,17 @@ def load_dicom_series(
     for k, h in enumerate(headers):
         ds = _dataset(h)
         if "PixelData" not in ds:
-            raise MissingTagError(
-                f"{_describe(h.path, h.index)}: missing required attribute(s) PixelData", ["PixelData"]
-            )
-        pixels = _pixels(ds)
+            raise MissingTagError(f"{h.where}: missing required attribute(s) PixelData", ["PixelData"])
+        pixels = _pixels(ds, h.frame)
         if pixels.shape != (rows, cols):
             raise InconsistentGeometryError(
-                f"{_describe(h.path, h.index)}: pixel data shape {pixels.shape} != Rows x Columns {(rows, cols)}"
+                f"{h.where}: pixel data shape {pixels.shape} != Rows x Columns {(rows, cols)}"
             )
         out = hu[k]
         np.multiply(pixels, np.float32(h.slope), out=out, casting="unsafe")
         out += np.float32(h.intercept)
         if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
-            logger.warning("%s: MONOCHROME1 CT; HU taken from the rescale as is", _describe(h.path, h.index))
+            logger.warning("%s: MONOCHROME1 CT; HU taken from the rescale as is", h.where)
 
     affine = np.eye(4)
     ps_row, ps_col = spacings.mean(axis=0)  # PixelSpacing = (between rows, between columns)
@@ -505,6 +546,7 @@ def load_dicom_series(
         series_instance_uid=headers[0].series_uid,
         frame_of_reference_uid=headers[0].for_uid,
         study_instance_uid=headers[0].study_uid,
+        frame_numbers=tuple(h.frame for h in headers if h.frame is not None) or None,
     )
 
 

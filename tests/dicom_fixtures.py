@@ -275,6 +275,7 @@ def study_result(
         series_instance_uid=series.series_instance_uid,
         frame_of_reference_uid=series.frame_of_reference_uid,
         sop_instance_uids=vol.sop_instance_uids,
+        frame_numbers=vol.frame_numbers,
         tasks=tuple(tasks),
         model=model or model_info(),
         timings={"inference_s": 1.25},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,7 +20,9 @@ from app.pipeline import STAGES, Pipeline
 from operators.model_runner import HyperCTRunner
 from synth import PatientPosition
 from tests.app_fixtures import small_study
+from tests.batch_fixtures import copy_study
 from tests.dicom_fixtures import dciodvfy
+from tests.multiframe_fixtures import replace_series_with_multiframe
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_SCHEME_WARNING = "Unrecognized defined term <99HYPERCT>"
@@ -125,6 +128,67 @@ def test_seg_carries_source_identity_and_lines_up(processed: tuple[Path, Path]) 
             [float(v) for v in src.ImagePositionPatient],
             atol=1e-3,
         )
+
+
+@pytest.mark.parametrize("kind", ["legacy", "enhanced"])
+def test_multiframe_ct_gives_the_single_frame_findings(
+    tmp_path: Path, model_dir: Path, processed: tuple[Path, Path], kind: str
+) -> None:
+    """``hyperct run`` on the same study with its axial series as one Legacy Converted / Enhanced CT
+    instance: selected among the same distractors, the same findings as the single-frame series,
+    valid results that reference the multi-frame instance (SEG frames by ReferencedFrameNumber)."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    study, single_out = processed
+    copy = copy_study(study, tmp_path / "in")
+    (mf_path,) = replace_series_with_multiframe(next(copy.glob("*/02_axial")), kind=kind)
+    mf = pydicom.dcmread(mf_path, stop_before_pixels=True)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(copy), str(out), "-m", str(model_dir), "-q"])
+    assert result.exit_code == 0, result.output
+    results, single = _results(out), _results(single_out)
+    assert results["series_instance_uid"] == mf.SeriesInstanceUID
+    assert set(results["sop_instance_uids"]) == {mf.SOPInstanceUID} and len(results["frame_numbers"]) == 110
+    assert sum(s["eligible"] for s in results["selection"]["series"]) == 1
+    for mine, theirs in zip(results["tasks"], single["tasks"], strict=True):
+        assert (mine["key"], mine["decision"]) == (theirs["key"], theirs["decision"])
+        assert abs(mine["probability"] - theirs["probability"]) <= 1e-6, mine["key"]
+    for f in sorted(out.glob("*/*.dcm")):
+        errors, warnings = dciodvfy(f)
+        assert not errors, f"{f.name}: {errors}"
+        assert all(PRIVATE_SCHEME_WARNING in w for w in warnings), f"{f.name}: {warnings}"
+    seg = pydicom.dcmread(_one(out, "SEG"))
+    sr = hd.sr.srread(_one(out, "SR"))
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for i in s.ReferencedSOPSequence
+    }
+    assert evidence == {mf.SOPInstanceUID, seg.SOPInstanceUID}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+        assert 1 <= int(source.ReferencedFrameNumber) <= 110
+
+
+def test_broken_multiframe_is_refused_in_one_clear_line(
+    tmp_path: Path, runner: HyperCTRunner, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = small_study(tmp_path / "in", slices=60)
+    (path,) = replace_series_with_multiframe(next(study.glob("*/02_axial")))
+    ds = pydicom.dcmread(path)
+    del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    ds.save_as(path)
+    with caplog.at_level(logging.INFO):
+        (summary,) = run_graph(study, tmp_path / "out", Pipeline(model_dir, runner=runner))
+    assert summary["outcome"] == "not-processed"
+    assert summary["reason"] == (
+        f"series refused: {path}: frame 1 has no PixelValueTransformationSequence (neither in its "
+        "PerFrameFunctionalGroupsSequence item nor in the SharedFunctionalGroupsSequence)"
+    )
+    assert not [r for r in caplog.records if r.exc_info], "bad input must not log a traceback"
 
 
 def test_python_m_app_with_holoscan_variables(tmp_path: Path, model_dir: Path) -> None:

@@ -19,6 +19,8 @@ from app.pipeline import Pipeline
 from operators.model_runner import HyperCTRunner
 from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import copy_study, read_csv, strip_suffixes, study_dir, study_uid, zip_folder
+from tests.dicom_fixtures import dciodvfy
+from tests.multiframe_fixtures import replace_series_with_multiframe
 
 pytestmark = pytest.mark.peers
 
@@ -188,6 +190,42 @@ def test_two_patients_in_one_flat_folder_never_mix(
             assert ds.StudyInstanceUID == uid
             evidence = ds.get("CurrentRequestedProcedureEvidenceSequence", [])
             assert all(s.StudyInstanceUID == uid for s in evidence)
+
+
+def test_multiframe_series_of_two_instances_gives_hyperct_runs_findings(
+    tmp_path: Path, studies, model_dir, runner, expected
+) -> None:
+    """Study A with its axial series migrated to two Legacy Converted Enhanced CT instances: the same
+    findings as the single-frame series under ``hyperct run``, and results that reference both."""
+    archive = tmp_path / "archive"
+    study = copy_study(studies["a"], archive / "A")
+    parts = replace_series_with_multiframe(study / "02_axial", instances=2)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in parts]
+    mf_uids = {str(ds.SOPInstanceUID) for ds in headers}
+    out = tmp_path / "out"
+    report = run_batch(BatchConfig(output=out, model=model_dir, archive=archive, show_progress=False), runner=runner)
+    assert report.outcomes == {"processed": 1}
+    uid = study_uid(studies["a"])
+    got = json.loads((out / uid / "results.json").read_text())
+    assert got["series_instance_uid"] == headers[0].SeriesInstanceUID
+    assert set(got["sop_instance_uids"]) == mf_uids and got["n_instances"] == 2
+    for mine, theirs in zip(got["tasks"], expected[uid]["tasks"], strict=True):
+        assert (mine["key"], mine["decision"]) == (theirs["key"], theirs["decision"])
+        assert abs(mine["probability"] - theirs["probability"]) <= 1e-6, mine["key"]
+    assert {r["series_instance_uid"] for r in read_csv(out / "findings.csv")} == {headers[0].SeriesInstanceUID}
+    (sr_path,) = (out / uid).glob("SR_*.dcm")
+    (seg_path,) = (out / uid).glob("SEG_*.dcm")
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in hd.sr.srread(sr_path).CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for i in s.ReferencedSOPSequence
+    }
+    assert evidence == mf_uids | {seg.SOPInstanceUID}
+    assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == mf_uids
+    for path in (out / uid).glob("*.dcm"):
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
 
 
 def test_filters_and_rerun_skips_finished(batch, archive, model_dir, runner, studies) -> None:

@@ -18,6 +18,7 @@ from app.cli import cli
 from app.node.spool import sha256_file
 from tests.app_fixtures import small_study
 from tests.dicom_fixtures import dciodvfy
+from tests.multiframe_fixtures import replace_series_with_multiframe
 from tests.node_fixtures import SCU_AE, NodeProcess, node_settings, study_files, wait_for
 from tests.peers import LOOPBACK, Orthanc, StoreSCP, free_port, require_binary, storescu
 
@@ -129,6 +130,34 @@ def test_three_studies_at_once_to_storescp_each_result_its_own_patient(
             assert listing.exit_code == 0 and listing.output.count("done") == 3
             assert node.terminate() == 0  # graceful SIGTERM (idle)
             assert "stop requested" in node.log_text() and "node stopped" in node.log_text()
+
+
+def test_enhanced_ct_study_gets_results_referencing_its_frames(tmp_path: Path, model_dir: Path) -> None:
+    """A scanner sending Enhanced CT (one multi-frame instance, frames head to feet, plus a scout)."""
+    study = small_study(tmp_path / "study", seed=14, slices=60, extras=("scout",))
+    (mf_path,) = replace_series_with_multiframe(next(study.glob("*/02_axial")), kind="enhanced")
+    mf = pydicom.dcmread(mf_path, stop_before_pixels=True)
+    with StoreSCP(tmp_path / "dest", extra_args=("+uf",)) as scp:
+        settings = node_settings(tmp_path / "data", model_dir, destinations=[f"STORESCP@{LOOPBACK}:{scp.port}"])
+        with NodeProcess(tmp_path, settings) as node:
+            sent = storescu(LOOPBACK, node.port, "HYPERCT", study_files(study))
+            assert sent.returncode == 0, sent.stderr[-500:]
+            wait_for(lambda: _all_done(node, 1), 240, "the Enhanced CT study done")
+            (objects,) = _unique_results(scp).values()
+    by_class = {str(ds.SOPClassUID): ds for ds in objects}
+    assert set(by_class) == SR_CLASSES | {SEG_CLASS}
+    seg = by_class[SEG_CLASS]
+    for ds in objects:
+        assert mf.SOPInstanceUID in _referenced_uids(ds)
+        assert _referenced_uids(ds) <= {mf.SOPInstanceUID, seg.SOPInstanceUID}
+    frames = {
+        int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert frames and frames <= set(range(1, 61))
+    for path in scp.files():
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
 
 
 def test_kill_9_during_receive_and_processing_loses_nothing(

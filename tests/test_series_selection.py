@@ -7,16 +7,21 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from operators.series_selection import (
     CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
     SelectionRules,
     SeriesSummary,
     scan_folder,
     select_series,
+    summarize_series,
 )
 from operators.settings import SettingsError
+from tests.dicom_fixtures import ct_series, write_series
+from tests.multiframe_fixtures import enhanced_ct, legacy_converted
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -82,7 +87,17 @@ def test_empty_study_is_explained() -> None:
         ({"body_part": "HEAD"}, "body part HEAD is not chest"),
         ({"orientation": (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)}, "off axial"),
         ({"orientation": None}, "ImageOrientationPatient is missing"),
-        ({"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2.1"}, "Enhanced (multi-frame) CT is not supported"),
+        (
+            {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.7"},
+            "SOP class Secondary Capture Image Storage is not one of",
+        ),
+        (
+            {
+                "sop_class_uid": ENHANCED_CT_IMAGE_STORAGE,
+                "image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER", "NONE"),
+            },
+            "ImageType contains LOCALIZER",
+        ),
         ({"series_description": "CTA chest arterial"}, "suggests contrast"),
         ({"series_description": "Chest w/ contrast"}, "suggests contrast"),
         ({"image_type": ("DERIVED", "SECONDARY", "AXIAL")}, "lacks ORIGINAL/PRIMARY"),
@@ -154,3 +169,38 @@ def test_negated_contrast_descriptions_are_not_contrast() -> None:
     ):
         s = _series("1.2.3.1", series_description=desc)
         assert select_series([s]).selected is s, desc
+
+
+def test_enhanced_and_legacy_converted_ct_meet_the_same_rules(tmp_path: Path) -> None:
+    """Thickness, orientation and ImageType come from the functional groups; frames count as slices;
+    Enhanced CT's ImageType Value 3 (VOLUME) is not asked to say AXIAL."""
+    single = ct_series(n_slices=60, rows=8, cols=8).datasets
+    (legacy,) = legacy_converted(single)
+    enhanced = enhanced_ct(legacy)
+    enhanced.SeriesInstanceUID = generate_uid()
+    write_series(tmp_path / "single", single)
+    for name, ds in (("legacy", legacy), ("enhanced", enhanced)):
+        (tmp_path / name).mkdir()
+        ds.save_as(tmp_path / name / "MF.dcm", enforce_file_format=True)
+    summaries = {s.sop_class_uid: s for s in scan_folder(tmp_path)}
+    assert set(summaries) == {
+        CT_IMAGE_STORAGE,
+        ENHANCED_CT_IMAGE_STORAGE,
+        LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE,
+    }
+    for s in summaries.values():
+        assert (s.slice_thickness_mm, s.orientation, s.n_frames) == (2.5, AXIAL, 60), s
+        assert s.n_instances == (60 if s.sop_class_uid == CT_IMAGE_STORAGE else 1)
+        assert select_series([s]).selected is s, select_series([s]).why
+    assert summaries[ENHANCED_CT_IMAGE_STORAGE].image_type == ("ORIGINAL", "PRIMARY", "VOLUME", "NONE")
+    assert "1 instances, 60 frames" in summaries[ENHANCED_CT_IMAGE_STORAGE].describe()
+
+
+def test_enhanced_ct_coded_contrast_agent_is_seen() -> None:
+    (legacy,) = legacy_converted(ct_series(n_slices=60, rows=8, cols=8).datasets)
+    ds = enhanced_ct(legacy)
+    agent = pydicom.Dataset()
+    agent.CodeValue, agent.CodingSchemeDesignator, agent.CodeMeaning = "C-B0322", "SRT", "Iohexol"
+    ds.ContrastBolusAgentSequence = [agent]
+    (summary,) = summarize_series([(Path("MF.dcm"), ds)])
+    assert "contrast agent given (Iohexol)" in select_series([summary]).why

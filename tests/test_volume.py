@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from operators.volume import (
     GantryTiltError,
     InconsistentGeometryError,
     InconsistentOrientationError,
+    InvalidMultiFrameError,
     IrregularSpacingError,
     MissingTagError,
     MixedSeriesError,
@@ -25,6 +27,7 @@ from operators.volume import (
     load_dicom_series,
     load_nifti,
 )
+from tests.multiframe_fixtures import enhanced_ct, legacy_converted
 from tests.volume_phantoms import (
     chest_phantom,
     ct_datasets,
@@ -164,17 +167,22 @@ def test_mixed_orientation_is_refused(series: list[Dataset]) -> None:
         load_dicom_series(series)
 
 
-def test_enhanced_ct_is_refused_by_name(series: list[Dataset]) -> None:
-    series[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
-    series[0].NumberOfFrames = 12
-    with pytest.raises(MultiFrameNotSupportedError, match="Enhanced CT Image Storage"):
-        load_dicom_series(series[:1])
-
-
-def test_unknown_multiframe_is_refused(series: list[Dataset]) -> None:
-    series[0].NumberOfFrames = 3
-    with pytest.raises(MultiFrameNotSupportedError, match="NumberOfFrames=3"):
+def test_multiframe_of_another_sop_class_is_refused_by_name(series: list[Dataset]) -> None:
+    series[0].NumberOfFrames = 3  # a single-frame SOP class claiming frames
+    with pytest.raises(
+        MultiFrameNotSupportedError, match=r"multi-frame CT Image Storage \(NumberOfFrames 3\)"
+    ):
         load_dicom_series(series)
+    (mf,) = legacy_converted(series)
+    mf.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    with pytest.raises(MultiFrameNotSupportedError, match="Enhanced MR Image Storage"):
+        load_dicom_series([mf])
+
+
+def test_single_and_multiframe_in_one_series_are_refused(series: list[Dataset]) -> None:
+    (mf,) = legacy_converted(series[6:], series_uid=str(series[0].SeriesInstanceUID))
+    with pytest.raises(MixedSeriesError, match="single-frame .* and multi-frame .* instances in one series"):
+        load_dicom_series([*series[:6], mf])
 
 
 def test_missing_tags_are_named(series: list[Dataset]) -> None:
@@ -217,8 +225,166 @@ def test_no_input_is_refused() -> None:
 
 
 def test_errors_share_one_base_class() -> None:
-    for cls in (IrregularSpacingError, GantryTiltError, MissingTagError, MultiFrameNotSupportedError):
+    for cls in (
+        IrregularSpacingError,
+        GantryTiltError,
+        MissingTagError,
+        MultiFrameNotSupportedError,
+        InvalidMultiFrameError,
+    ):
         assert issubclass(cls, VolumeError) and issubclass(cls, ValueError)
+
+
+# ------------------------------------------------------------------------------------- multi-frame
+
+
+def _same_volume(vol: Volume, ref: Volume) -> None:
+    np.testing.assert_array_equal(vol.hu, ref.hu)
+    np.testing.assert_allclose(vol.affine, ref.affine, atol=1e-6)
+
+
+def test_legacy_converted_ct_is_the_single_frame_volume(
+    tmp_path: Path, small: Volume, series: list[Dataset]
+) -> None:
+    (mf,) = legacy_converted(series)
+    (path,) = write_datasets(tmp_path, [mf])
+    vol = load_dicom_series([path])
+    _same_volume(vol, load_dicom_series(series))
+    _same_volume(vol, small)
+    assert (
+        vol.sop_instance_uids == (mf.SOPInstanceUID,) * 12 and vol.series_instance_uid == mf.SeriesInstanceUID
+    )
+    frame_z = {
+        n: float(item.PlanePositionSequence[0].ImagePositionPatient[2])
+        for n, item in enumerate(mf.PerFrameFunctionalGroupsSequence, start=1)
+    }
+    assert vol.frame_numbers is not None
+    assert [frame_z[n] for n in vol.frame_numbers] == pytest.approx(
+        vol.index_to_lps([[0, 0, k] for k in range(12)])[:, 2]
+    )
+
+
+def test_enhanced_ct_frames_in_any_order_with_per_frame_rescale(small: Volume, series: list[Dataset]) -> None:
+    (legacy,) = legacy_converted(series)
+    order = [int(i) for i in np.random.default_rng(2).permutation(12)]
+    ds = enhanced_ct(legacy, frame_order=order, per_frame_rescale=True)
+    assert "PixelValueTransformationSequence" not in ds.SharedFunctionalGroupsSequence[0]
+    vol = load_dicom_series([ds])
+    _same_volume(vol, small)
+    assert vol.frame_numbers == tuple(
+        order.index(n) + 1 for n in range(11, -1, -1)
+    )  # legacy frame 1 is the top
+
+
+def test_ffs_multiframe_matches_its_single_frame_series(small: Volume) -> None:
+    ffs = flip_volume(small, (0, 2))
+    (mf,) = legacy_converted(ct_datasets(ffs))
+    _same_volume(load_dicom_series([mf]), ffs)
+
+
+def test_series_of_several_multiframe_instances(tmp_path: Path, small: Volume, series: list[Dataset]) -> None:
+    parts = legacy_converted(series, instances=3)
+    paths = write_datasets(tmp_path, parts[::-1])
+    vol = load_dicom_series(paths)
+    _same_volume(vol, small)
+    uids = [str(p.SOPInstanceUID) for p in parts]  # consecutive runs from the bottom up
+    assert vol.sop_instance_uids == tuple(u for u in uids for _ in range(4))
+    assert vol.frame_numbers == (4, 3, 2, 1) * 3
+    assert load_dicom_series([*parts, parts[1]]).shape == small.shape  # an exact re-send counts once
+
+
+def test_compressed_multiframe_is_decoded_frame_by_frame(small: Volume, series: list[Dataset]) -> None:
+    from pydicom.uid import RLELossless
+
+    (mf,) = legacy_converted(series)
+    mf.compress(RLELossless)
+    _same_volume(load_dicom_series([mf]), small)
+
+
+def test_missing_functional_group_names_file_frame_and_group(tmp_path: Path, series: list[Dataset]) -> None:
+    (mf,) = legacy_converted(series)
+    del mf.PerFrameFunctionalGroupsSequence[4].PlanePositionSequence
+    (path,) = write_datasets(tmp_path, [mf])
+    with pytest.raises(MissingTagError) as exc:
+        load_dicom_series([path])
+    msg = str(exc.value)
+    assert f"{path}: frame 5 has no PlanePositionSequence" in msg and "\n" not in msg
+    assert exc.value.tags == ("PlanePositionSequence",)
+
+
+def test_missing_attribute_inside_a_group_names_the_frame(series: list[Dataset]) -> None:
+    (mf,) = legacy_converted(series)
+    del mf.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    with pytest.raises(
+        MissingTagError, match=r"dataset #0 frame 1: missing required attribute\(s\) PixelSpacing"
+    ):
+        load_dicom_series([mf])
+
+
+def test_no_functional_groups_is_refused(series: list[Dataset]) -> None:
+    (mf,) = legacy_converted(series)
+    del mf.PerFrameFunctionalGroupsSequence
+    del mf.SharedFunctionalGroupsSequence
+    with pytest.raises(MissingTagError, match="no PerFrameFunctionalGroupsSequence for 12 frames"):
+        load_dicom_series([mf])
+
+
+def _patched(path: Path, element: bytes, value: bytes) -> Path:
+    """Overwrite the 2-byte value of the first element whose tag + VR + length is ``element``, as a
+    damaged file would carry it (pydicom refuses to write such values itself)."""
+    data = path.read_bytes()
+    at = data.index(element) + len(element)
+    path.write_bytes(data[:at] + value + data[at + 2 :])
+    return path
+
+
+NUMBER_OF_FRAMES = b"\x28\x00\x08\x00IS\x02\x00"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(b"1\xee", "NumberOfFrames '1\ufffd' is not a number"), (b"11", "has 12 items for NumberOfFrames 11")],
+)
+def test_bad_frame_count_is_refused(tmp_path: Path, series: list[Dataset], text: bytes, message: str) -> None:
+    (mf,) = legacy_converted(series)
+    (path,) = write_datasets(tmp_path, [mf])
+    with pytest.raises(InvalidMultiFrameError, match=message):
+        load_dicom_series([_patched(path, NUMBER_OF_FRAMES, text)])
+
+
+def _per_frame(mf: Dataset, group: str, frame: int) -> Dataset:
+    """Give frame ``frame`` its own copy of a shared functional group; return its item."""
+    item = copy.deepcopy(mf.SharedFunctionalGroupsSequence[0][group].value[0])
+    setattr(mf.PerFrameFunctionalGroupsSequence[frame - 1], group, [item])
+    return item
+
+
+def test_non_uniform_frames_are_refused_naming_file_and_frame(series: list[Dataset]) -> None:
+    (mf,) = legacy_converted(series)
+    _per_frame(mf, "PixelMeasuresSequence", 7).PixelSpacing = ["12", "11"]
+    with pytest.raises(
+        InconsistentGeometryError, match=r"mixed PixelSpacing .*dataset #0 frame 7: \[12.0, 11.0\]"
+    ):
+        load_dicom_series([mf])
+    (mf,) = legacy_converted(series)
+    c, s = math.cos(math.radians(10)), math.sin(math.radians(10))
+    iop = [f"{c:.6f}", f"{s:.6f}", "0", f"{-s:.6f}", f"{c:.6f}", "0"]
+    _per_frame(mf, "PlaneOrientationSequence", 3).ImageOrientationPatient = iop
+    with pytest.raises(
+        InconsistentOrientationError, match=r"mixed ImageOrientationPatient.*dataset #0 frame 3"
+    ):
+        load_dicom_series([mf])
+
+
+def test_duplicate_and_missing_frames_are_refused(series: list[Dataset]) -> None:
+    (mf,) = legacy_converted(series)
+    frames = mf.PerFrameFunctionalGroupsSequence
+    frames[5].PlanePositionSequence = frames[4].PlanePositionSequence
+    with pytest.raises(DuplicateSliceError, match=r"frame [56] and SOP .* frame [56]"):
+        load_dicom_series([mf])
+    (mf,) = legacy_converted(series[:5] + series[6:])
+    with pytest.raises(IrregularSpacingError, match="about 1 slice\\(s\\) missing"):
+        load_dicom_series([mf])
 
 
 # ------------------------------------------------------------------------------------------- NIfTI

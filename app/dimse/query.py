@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 
 from app.dimse.network import RemoteNode
 
@@ -26,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+#: The CT classes the pipeline reads, retrieved in any transfer syntax (no transcoding at the PACS).
+CT_IMAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 PENDING = (0xFF00, 0xFF01)
 _UID = re.compile(r"^[0-9.]{1,64}$")
 
@@ -168,7 +169,7 @@ def get_study(
     roles = []
     for cx in StoragePresentationContexts:  # 120 storage classes + GET: within the 128-context limit
         uid = str(cx.abstract_syntax)
-        if uid in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE):
+        if uid in CT_IMAGE_CLASSES:
             ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES)  # no transcoding at the PACS
         else:
             ae.add_requested_context(uid)
