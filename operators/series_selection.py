@@ -31,6 +31,7 @@ from pydicom.uid import (
     MediaStorageDirectoryStorage,
 )
 
+from operators.dicom_values import MalformedAttributeError, integer, number, numbers
 from operators.multiframe import summary_header
 from operators.settings import Settings
 
@@ -115,6 +116,8 @@ class SeriesSummary:
     patient_id: str = ""
     files: list[Path] = field(default_factory=list)
     n_frames: int = 0
+    #: Malformed numeric values met in its headers (file, attribute, value): the series is refused.
+    malformed: list[str] = field(default_factory=list)
 
     @property
     def n_instances(self) -> int:
@@ -179,19 +182,34 @@ def _str(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
-    try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
-        return None
+class _Reader:
+    """Numeric header values through ``operators.dicom_values``; a malformed one is noted, not raised,
+    so the series is refused with that reason (``SeriesSummary.malformed``) instead of a traceback."""
 
+    def __init__(self, ds: Dataset, where: str) -> None:
+        self.ds, self.where = ds, where
+        self.malformed: list[str] = []
 
-def _frames(ds: Dataset) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1  # malformed: the volume reader refuses the instance, naming the attribute
+    def number(self, keyword: str) -> float | None:
+        try:
+            return number(self.ds, keyword, self.where)
+        except MalformedAttributeError as exc:
+            self.malformed.append(str(exc))
+            return None
+
+    def integer(self, keyword: str, default: int | None = None) -> int | None:
+        try:
+            return integer(self.ds, keyword, self.where, default)
+        except MalformedAttributeError as exc:
+            self.malformed.append(str(exc))
+            return default
+
+    def numbers(self, keyword: str, count: int) -> tuple[float, ...] | None:
+        try:
+            return numbers(self.ds, keyword, self.where, count)
+        except MalformedAttributeError as exc:
+            self.malformed.append(str(exc))
+            return None
 
 
 def read_header(path: Path) -> Dataset | None:
@@ -218,27 +236,28 @@ def summarize_series(items: Iterable[tuple[Path, Dataset]]) -> list[SeriesSummar
         if not study or not uid or _str(ds, "SOPClassUID") == DICOMDIR_SOP_CLASS:
             continue
         s = series.get((study, uid))
+        read = _Reader(ds, path.name)
         if s is None:
-            number = ds.get("SeriesNumber")
             s = series[(study, uid)] = SeriesSummary(
                 study_instance_uid=study,
                 series_instance_uid=uid,
                 modality=_str(ds, "Modality").upper(),
                 sop_class_uid=_str(ds, "SOPClassUID"),
                 image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or [])),
-                slice_thickness_mm=_float(ds, "SliceThickness"),
+                slice_thickness_mm=read.number("SliceThickness"),
                 contrast_agent=_str(ds, "ContrastBolusAgent"),
                 body_part=_str(ds, "BodyPartExamined").upper(),
                 series_description=_str(ds, "SeriesDescription"),
-                series_number=int(number) if number not in (None, "") else None,
-                orientation=tuple(float(v) for v in ds.ImageOrientationPatient)
-                if "ImageOrientationPatient" in ds and ds.ImageOrientationPatient
-                else None,
+                series_number=read.integer("SeriesNumber"),
+                orientation=read.numbers("ImageOrientationPatient", 6),
                 patient_id=_str(ds, "PatientID"),
             )
         s.files.append(path)
-        s.n_frames += _frames(ds)
-    return sorted(series.values(), key=lambda s: (s.study_instance_uid, s.series_number or 0, s.series_instance_uid))
+        s.n_frames += max(1, read.integer("NumberOfFrames", 1) or 1)
+        s.malformed.extend(read.malformed)
+    return sorted(
+        series.values(), key=lambda s: (s.study_instance_uid, s.series_number or 0, s.series_instance_uid)
+    )
 
 
 def scan_folder(folder: Path) -> list[SeriesSummary]:
@@ -276,6 +295,9 @@ def _sop_class_name(uid: str) -> str:
 def evaluate_series(s: SeriesSummary, rules: SelectionRules) -> list[str]:
     """Every rule the series breaks, in words an imaging-IT team can act on (empty = eligible)."""
     reasons: list[str] = []
+    if s.malformed:
+        more = f" (and {len(s.malformed) - 1} more)" if len(s.malformed) > 1 else ""
+        reasons.append(f"malformed header value: {s.malformed[0]}{more}")
     if s.modality not in rules.modalities:
         reasons.append(f"modality {s.modality or 'missing'} is not {'/'.join(rules.modalities)}")
     if rules.sop_classes and s.sop_class_uid not in rules.sop_classes:
@@ -304,7 +326,9 @@ def evaluate_series(s: SeriesSummary, rules: SelectionRules) -> list[str]:
             reasons.append(f"contrast agent given ({s.contrast_agent})")
         else:
             desc = _NEGATED_CONTRAST.sub(" ", s.series_description.lower())
-            words = [w for w in rules.contrast_description_words if w in desc.split() or (len(w) > 3 and w in desc)]
+            words = [
+                w for w in rules.contrast_description_words if w in desc.split() or (len(w) > 3 and w in desc)
+            ]
             if words:
                 reasons.append(f"series description suggests contrast ({words[0]!r})")
     if s.body_part:
@@ -335,7 +359,12 @@ def select_series(series: Sequence[SeriesSummary], rules: SelectionRules | None 
         return SelectionResult(None, verdicts, "no eligible series. " + " | ".join(parts))
     best = min(
         eligible,
-        key=lambda s: (s.slice_thickness_mm or math.inf, -s.n_frames, s.series_number or 0, s.series_instance_uid),
+        key=lambda s: (
+            s.slice_thickness_mm or math.inf,
+            -s.n_frames,
+            s.series_number or 0,
+            s.series_instance_uid,
+        ),
     )
     why = (
         f"selected {best.describe()}: thinnest eligible slices ({best.slice_thickness_mm:g} mm)"

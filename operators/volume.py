@@ -28,6 +28,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
+from operators.dicom_values import MalformedAttributeError, integer, number, numbers
 from operators.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ __all__ = [
     "InconsistentOrientationError",
     "InvalidMultiFrameError",
     "IrregularSpacingError",
+    "MalformedValueError",
     "MissingTagError",
     "MixedSeriesError",
     "MultiFrameNotSupportedError",
@@ -76,6 +78,10 @@ class MissingTagError(VolumeError):
 
 class UnsupportedImageError(VolumeError):
     """The object is not a single-frame greyscale image this reader handles."""
+
+
+class MalformedValueError(VolumeError):
+    """A numeric attribute holds a value that is not a number (``operators.dicom_values``)."""
 
 
 class MultiFrameNotSupportedError(UnsupportedImageError):
@@ -273,32 +279,30 @@ def _read_header(index: int, ds: Dataset, path: str | None, where: str) -> _Slic
     missing = [kw for kw in _REQUIRED if _is_empty(ds.get(kw))]
     if missing:
         raise MissingTagError(f"{where}: missing required attribute(s) {', '.join(missing)}", missing)
-    samples = int(ds.get("SamplesPerPixel", 1))
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise UnsupportedImageError(
-            f"{where}: not a greyscale image (SamplesPerPixel {samples}, PhotometricInterpretation {photometric})"
-        )
     try:
-        iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-        ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-        ps = [float(v) for v in ds.PixelSpacing]
-    except (TypeError, ValueError) as exc:
-        raise InconsistentGeometryError(f"{where}: unreadable geometry attribute ({exc})") from exc
-    if iop.shape != (6,) or ipp.shape != (3,) or len(ps) != 2:
+        samples = integer(ds, "SamplesPerPixel", where, 1)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise UnsupportedImageError(
+                f"{where}: not a greyscale image (SamplesPerPixel {samples}, PhotometricInterpretation {photometric})"
+            )
+        iop = np.array(numbers(ds, "ImageOrientationPatient", where, 6), dtype=np.float64)
+        ipp = np.array(numbers(ds, "ImagePositionPatient", where, 3), dtype=np.float64)
+        ps = numbers(ds, "PixelSpacing", where, 2) or ()
+        rows, cols = integer(ds, "Rows", where), integer(ds, "Columns", where)
+        slope, intercept = number(ds, "RescaleSlope", where), number(ds, "RescaleIntercept", where)
+        tilt = number(ds, "GantryDetectorTilt", where)
+    except MalformedAttributeError as exc:
+        raise MalformedValueError(str(exc)) from None
+    if min(ps) <= 0 or not rows or not cols or rows < 1 or cols < 1:
         raise InconsistentGeometryError(
-            f"{where}: ImageOrientationPatient needs 6 values, ImagePositionPatient 3, PixelSpacing 2"
-        )
-    if min(ps) <= 0 or not np.all(np.isfinite(iop)) or not np.all(np.isfinite(ipp)):
-        raise InconsistentGeometryError(
-            f"{where}: non-positive PixelSpacing or non-finite position/orientation"
+            f"{where}: PixelSpacing {list(ps)} and Rows x Columns {rows} x {cols} must be positive"
         )
     row, col = iop[:3], iop[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
         raise InconsistentOrientationError(
             f"{where}: ImageOrientationPatient {iop.tolist()} is not two orthogonal unit vectors"
         )
-    tilt = ds.get("GantryDetectorTilt")
     return _SliceHeader(
         index=index,
         ds=ds,
@@ -307,14 +311,14 @@ def _read_header(index: int, ds: Dataset, path: str | None, where: str) -> _Slic
         series_uid=str(ds.SeriesInstanceUID) if ds.get("SeriesInstanceUID") else None,
         study_uid=str(ds.StudyInstanceUID) if ds.get("StudyInstanceUID") else None,
         for_uid=str(ds.FrameOfReferenceUID) if ds.get("FrameOfReferenceUID") else None,
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        rows=int(rows),
+        cols=int(cols),
         pixel_spacing=(ps[0], ps[1]),
         iop=iop,
         ipp=ipp,
-        slope=float(ds.RescaleSlope),
-        intercept=float(ds.RescaleIntercept),
-        gantry_tilt=float(tilt) if tilt not in (None, "") else None,
+        slope=float(slope),  # type: ignore[arg-type]  # required above
+        intercept=float(intercept),  # type: ignore[arg-type]
+        gantry_tilt=tilt,
     )
 
 
@@ -329,7 +333,7 @@ _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _NATIVE_DTYPES = {(16, 0): "<u2", (16, 1): "<i2", (8, 0): "u1", (8, 1): "i1"}
 
 
-def _pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
+def _pixels(ds: Dataset, frame: int | None, where: str) -> np.ndarray:
     """Stored pixel values of one slice (``frame``, 1-based, of a multi-frame instance); a zero-copy
     view for native little-endian data.
 
@@ -340,8 +344,12 @@ def _pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
     """
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    key = (int(ds.get("BitsAllocated", 0)), int(ds.get("PixelRepresentation", 0)))
-    if syntax in _NATIVE_LE and key in _NATIVE_DTYPES and int(ds.get("SamplesPerPixel", 1)) == 1:
+    try:
+        key = (integer(ds, "BitsAllocated", where, 0), integer(ds, "PixelRepresentation", where, 0))
+        samples, stored_bits = integer(ds, "SamplesPerPixel", where, 1), integer(ds, "BitsStored", where)
+    except MalformedAttributeError as exc:
+        raise MalformedValueError(str(exc)) from None
+    if syntax in _NATIVE_LE and key in _NATIVE_DTYPES and samples == 1:
         rows, cols = int(ds.Rows), int(ds.Columns)
         data = ds.PixelData
         count = rows * cols
@@ -349,12 +357,13 @@ def _pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
         if len(data) >= offset + count * key[0] // 8:
             arr = np.frombuffer(data, dtype=_NATIVE_DTYPES[key], count=count, offset=offset)
             arr = arr.reshape(rows, cols)
-            stored = int(ds.get("BitsStored", key[0]))
+            stored = stored_bits or key[0]
             if stored == key[0] or (key[1] == 0 and int(arr.max()) < (1 << stored)):
                 return arr
-    if frame is None:
-        return ds.pixel_array
-    return pixel_array(ds, index=frame - 1)
+    try:
+        return ds.pixel_array if frame is None else pixel_array(ds, index=frame - 1)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:
+        raise UnsupportedImageError(f"{where}: pixel data cannot be decoded ({exc})") from None
 
 
 def _check_same(headers: Sequence[_SliceHeader], attr: str, label: str, error: type[VolumeError]) -> None:
@@ -512,7 +521,11 @@ def load_dicom_series(
         step = along / (n - 1)
     else:
         ds0 = _dataset(headers[0], stop_before_pixels=True)
-        step = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
+        where = _describe(headers[0].path, headers[0].index)
+        try:
+            step = number(ds0, "SpacingBetweenSlices", where) or number(ds0, "SliceThickness", where) or 1.0
+        except MalformedAttributeError as exc:
+            raise MalformedValueError(str(exc)) from None
         logger.warning("single-slice series: slice step %.3f mm taken from the header", step)
 
     rows, cols = headers[0].rows, headers[0].cols
@@ -521,7 +534,7 @@ def load_dicom_series(
         ds = _dataset(h)
         if "PixelData" not in ds:
             raise MissingTagError(f"{h.where}: missing required attribute(s) PixelData", ["PixelData"])
-        pixels = _pixels(ds, h.frame)
+        pixels = _pixels(ds, h.frame, h.where)
         if pixels.shape != (rows, cols):
             raise InconsistentGeometryError(
                 f"{h.where}: pixel data shape {pixels.shape} != Rows x Columns {(rows, cols)}"
@@ -613,7 +626,9 @@ def check_volume(volume: Volume, checks: VolumeChecks) -> str | None:
     n = volume.shape[0]
     z_extent = float(np.linalg.norm(volume.affine[:3, 2])) * max(n - 1, 0)
     if z_extent < checks.min_z_extent_mm:
-        return f"the series covers {z_extent:.0f} mm along the body, less than {checks.min_z_extent_mm:.0f} mm"
+        return (
+            f"the series covers {z_extent:.0f} mm along the body, less than {checks.min_z_extent_mm:.0f} mm"
+        )
     middle = volume.hu[n // 4 : max(n // 4 + 1, 3 * n // 4)]
     lo, hi = checks.lung_hu_range
     fraction = float(np.count_nonzero((middle >= lo) & (middle <= hi))) / middle.size
