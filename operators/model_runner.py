@@ -9,8 +9,8 @@ at once. :class:`HyperCTRunner` therefore plans how many ONNX Runtime sessions s
   number of tasks every session is created once per process. A pinned set plus one slot beats an
   LRU here: each study visits the tasks in the same cyclic order, which makes an LRU miss every time.
 
-``K`` comes from ``max_resident`` or from the budget (default 4 GB on CPU, 8 GB on a GPU; see
-``docs/export.md`` for the measured per-session costs). numpy + onnxruntime only: no torch.
+``K`` comes from ``max_resident`` or from the budget (default 4 GB on CPU; on a GPU 90 % of its free
+memory, read through NVML; see ``docs/export.md`` for the measured per-session costs). numpy + onnxruntime only: no torch.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from operators.cuda_device import DeviceMemory, device_memory, preload_cuda_libraries
 from operators.manifest import ModelManifest, TaskEntry, find_model_dir, load_manifest
 from operators.ort_session import (
     SessionOptions,
@@ -43,7 +44,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_BUDGET_MB = 4096.0
+#: GPU budget when the device's free memory cannot be read (no NVML, no nvidia-smi).
 DEFAULT_GPU_BUDGET_MB = 8192.0
+#: Share of the device's free memory the plan may use; the rest is CUDA context, cuDNN workspaces
+#: and fragmentation.
+GPU_MEMORY_FRACTION = 0.9
 #: Process baseline (Python, numpy, ONNX Runtime, one study's input and outputs), MB.
 BASE_MB = 350.0
 #: Resident session cost ≈ WEIGHT_FACTOR × weight bytes + activations (measured, docs/export.md).
@@ -64,6 +69,8 @@ def create_lean_session(path: Path, options: SessionOptions) -> ort.InferenceSes
 
     has_gpu = gpu_present()
     providers = requested_providers(options, ort.get_available_providers(), has_gpu)
+    if providers[0] != "CPUExecutionProvider":
+        preload_cuda_libraries()
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads or usable_cores()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -134,15 +141,33 @@ def plan_residency(
     budget_mb: float | None = None,
     max_resident: int | None = None,
     on_gpu: bool = False,
+    device: DeviceMemory | None = None,
 ) -> ResidencyPlan:
-    """Decide ``K`` (resident sessions) for a model folder; at least 1."""
+    """Decide ``K`` (resident sessions) for a model folder; at least 1.
+
+    On a GPU the default budget is ``GPU_MEMORY_FRACTION`` of the device's free memory (``device``),
+    so a large card keeps every session resident; a given budget larger than the card is an error.
+    """
     files = {t.file: _file_bytes(model_dir, t) for t in manifest.tasks}
     n_sessions = len(files)
     weights_mb = max(files.values()) / 2**20
     session_mb = WEIGHT_FACTOR * weights_mb + activation_mb(manifest)
-    budget = (
-        budget_mb if budget_mb is not None else (DEFAULT_GPU_BUDGET_MB if on_gpu else DEFAULT_CPU_BUDGET_MB)
-    )
+    source = ""
+    if on_gpu and budget_mb is not None and device is not None and budget_mb > device.total_mb:
+        raise ValueError(
+            f"memory budget {budget_mb:.0f} MB is larger than the GPU's {device.total_mb:.0f} MB "
+            f"({device.source}); lower inference.memory-budget-mb or leave it null"
+        )
+    if budget_mb is not None:
+        budget = budget_mb
+    elif not on_gpu:
+        budget = DEFAULT_CPU_BUDGET_MB
+    elif device is not None:
+        budget = GPU_MEMORY_FRACTION * device.free_mb
+        source = f" ({GPU_MEMORY_FRACTION:.0%} of {device.free_mb:.0f} MB free on the GPU, {device.source})"
+    else:
+        budget = DEFAULT_GPU_BUDGET_MB
+        source = " (GPU memory unknown: no NVML or nvidia-smi answered)"
     if max_resident is not None:
         if max_resident < 1:
             raise ValueError(f"max_resident must be >= 1, got {max_resident}")
@@ -158,7 +183,7 @@ def plan_residency(
             reason = f"all {n_sessions} session(s) of ≈{session_mb:.0f} MB fit {budget:.0f} MB"
         else:
             reason = f"{fit} of {n_sessions} sessions of ≈{session_mb:.0f} MB fit {budget:.0f} MB"
-    return ResidencyPlan(budget, session_mb, BASE_MB, k, n_sessions, reason)
+    return ResidencyPlan(budget, session_mb, BASE_MB, k, n_sessions, reason + source)
 
 
 class HyperCTRunner:
@@ -184,8 +209,9 @@ class HyperCTRunner:
         self.options = session_options or SessionOptions()
         on_gpu = self.options.device == "cuda" or (self.options.device == "auto" and gpu_present())
         self.plan = plan_residency(
-            self.manifest, self.model_dir, budget_mb=budget_mb, max_resident=max_resident, on_gpu=on_gpu
-        )
+            self.manifest, self.model_dir, budget_mb=budget_mb, max_resident=max_resident, on_gpu=on_gpu,
+            device=device_memory() if on_gpu else None,
+        )  # fmt: skip
         self._tasks = {t.key: t for t in self.manifest.tasks}
         files = list(dict.fromkeys(t.file for t in self.manifest.tasks))
         pinned = files if self.plan.all_resident else files[: max(0, self.plan.max_resident - 1)]

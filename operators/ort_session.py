@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from operators.cuda_device import preload_cuda_libraries
+
 if TYPE_CHECKING:
     import onnxruntime as ort
 
@@ -81,6 +83,8 @@ def create_session(model: Path | bytes, options: SessionOptions | None = None) -
     options = options or SessionOptions()
     has_gpu = gpu_present()
     providers = requested_providers(options, ort.get_available_providers(), has_gpu)
+    if providers[0] != CPU_PROVIDER:
+        preload_cuda_libraries()
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads or usable_cores()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

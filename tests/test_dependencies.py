@@ -128,6 +128,9 @@ TRAINING_MAY_IMPORT = {
 }
 #: What those modules import in turn: training loads these, never imports them itself.
 REACHED_THROUGH_IT = {
+    "operators.cuda_device": "the runner's view of the GPU (free memory, the gpu extra's CUDA libraries)",
+    "operators.dicom_values": "the one parser of numeric DICOM attributes (volume reader, series selection)",
+    "operators.multiframe": "the CT reader's and series selection's view of multi-frame (Enhanced) CT",
     "operators.ort_session": "the runner's ONNX Runtime session",
     "operators.runtime": "operators/__init__.py runs its prepare_holoscan (stdlib only) on any import",
 }

@@ -10,8 +10,15 @@ import onnxruntime as ort  # noqa: E402
 import pytest
 import torch
 
+from operators.cuda_device import DeviceMemory, device_memory
 from operators.manifest import load_manifest
-from operators.model_runner import HyperCTRunner, TaskOutput, plan_residency, sigmoid
+from operators.model_runner import (
+    DEFAULT_GPU_BUDGET_MB,
+    HyperCTRunner,
+    TaskOutput,
+    plan_residency,
+    sigmoid,
+)
 from operators.ort_session import SessionOptions
 from training.attention import PointingCase, blob_cases, pointing_game, pointing_hit
 from training.export import export_model
@@ -146,6 +153,39 @@ def test_residency_plan_follows_the_budget(folders: dict[str, Path]) -> None:
         plan_residency(m, folders["merged"], max_resident=0)
     factored = load_manifest(folders["factored"])
     assert plan_residency(factored, folders["factored"]).n_sessions == 1
+
+
+def test_on_a_gpu_the_plan_follows_the_cards_free_memory(folders: dict[str, Path]) -> None:
+    m = load_manifest(folders["merged"])
+    big = plan_residency(m, folders["merged"], on_gpu=True, device=DeviceMemory(140_000, 143_771, "NVML"))
+    assert big.all_resident and big.budget_mb == pytest.approx(126_000)
+    assert "90% of 140000 MB free on the GPU, NVML" in big.reason
+    session = big.session_mb
+    small = plan_residency(
+        m,
+        folders["merged"],
+        on_gpu=True,
+        device=DeviceMemory((350 + 1.5 * session) / 0.9, 24_000, "nvidia-smi"),
+    )
+    assert small.max_resident == 1 and not small.all_resident
+    unknown = plan_residency(m, folders["merged"], on_gpu=True)
+    assert unknown.budget_mb == DEFAULT_GPU_BUDGET_MB and "GPU memory unknown" in unknown.reason
+    with pytest.raises(
+        ValueError, match=r"memory budget 200000 MB is larger than the GPU's 143771 MB \(NVML\)"
+    ):
+        plan_residency(
+            m, folders["merged"], on_gpu=True, budget_mb=200_000, device=DeviceMemory(1, 143_771, "NVML")
+        )
+
+
+@pytest.mark.gpu
+def test_a_large_card_keeps_every_session_resident(folders: dict[str, Path]) -> None:
+    """GPU only (``make test-gpu``): the real device's free memory drives the plan."""
+    memory = device_memory()
+    assert memory is not None, "no NVML or nvidia-smi answer on a GPU host"
+    with HyperCTRunner(folders["merged"], SessionOptions(device="cuda")) as runner:
+        assert runner.plan.all_resident, runner.plan.reason
+        assert "free on the GPU" in runner.plan.reason
 
 
 def test_manifest_records_precision_and_format(folders: dict[str, Path]) -> None:
