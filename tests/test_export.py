@@ -238,5 +238,18 @@ def test_cli_export_from_checkpoint_with_subset_and_thresholds(model: HyperCT, t
     assert json.loads((out / "manifest.json").read_text())["export"]["source"] == "hyperct.pt"
     verified = CliRunner().invoke(app, ["model", "verify", str(tmp_path / "models")])
     assert verified.exit_code == 0, verified.output
+    assert "precision: fp32, the default for a CPU target" in result.output  # --target auto, no GPU here
     bad = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "o2"), "--fp16", "--int8"])
     assert bad.exit_code == 2
+    bad = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "o2"), "--precision", "int8", "--fp16"])
+    assert bad.exit_code == 2 and "exclude each other" in bad.output
+    bad = CliRunner().invoke(app, ["export", str(ckpt), str(tmp_path / "o2"), "--precision", "fp8"])
+    assert bad.exit_code == 2
+    gpu = CliRunner().invoke(
+        app, ["export", str(ckpt), str(tmp_path / "gpu"), "--tasks", "lung_nodule", "--target", "gpu"]
+    )
+    assert gpu.exit_code == 0, gpu.output
+    assert "precision: fp16, the default for a GPU target" in gpu.output
+    assert "parity of fp16 to PyTorch fp32 over 1 task(s)" in gpu.output
+    parity = json.loads((tmp_path / "gpu" / "manifest.json").read_text())["export"]["parity_to_fp32"]
+    assert parity["precision"] == "fp16" and 0 < parity["max_abs_probability_diff"] < 0.05

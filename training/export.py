@@ -324,18 +324,49 @@ def _check_inputs(image_size: tuple[int, int], seed: int = 1234) -> tuple[torch.
 
 @dataclass
 class CheckResult:
-    """ONNX Runtime vs PyTorch (fp32 module) on the self-check input."""
+    """ONNX Runtime vs PyTorch (fp32 module) on the self-check input: the parity of this precision to fp32."""
 
     max_abs_logit: float
     max_abs_attention: float
     padded_attention_zero: bool
+    max_abs_probability: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "max_abs_logit_diff": self.max_abs_logit,
+            "max_abs_probability_diff": self.max_abs_probability,
             "max_abs_attention_diff": self.max_abs_attention,
             "padded_attention_zero": self.padded_attention_zero,
         }
+
+
+def parity_summary(checks: Mapping[str, CheckResult], precision: str) -> dict[str, Any]:
+    """The worst self-check differences over all tasks: what this precision costs against PyTorch fp32."""
+    return {
+        "precision": precision,
+        "reference": "PyTorch fp32, the same weights, 3 varied images (1 padded)",
+        "tasks": len(checks),
+        "max_abs_logit_diff": max((c.max_abs_logit for c in checks.values()), default=None),
+        "max_abs_probability_diff": max((c.max_abs_probability for c in checks.values()), default=None),
+        "max_abs_attention_diff": max((c.max_abs_attention for c in checks.values()), default=None),
+    }
+
+
+#: Precision an export gets when none is asked for: fp16 serves a GPU (half the memory, tensor cores;
+#: parity to fp32 recorded in the manifest), fp32 a CPU (fp16 has few CPU kernels there).
+DEFAULT_PRECISION = {"gpu": "fp16", "cpu": "fp32"}
+
+
+def resolve_precision(precision: str, target: str) -> tuple[str, str]:
+    """``(precision, why)`` for ``--precision auto|fp32|fp16|int8`` and ``--target gpu|cpu``."""
+    if target not in DEFAULT_PRECISION:
+        raise ExportError(f"target must be gpu or cpu, got {target!r}")
+    if precision == "auto":
+        chosen = DEFAULT_PRECISION[target]
+        return chosen, f"{chosen}, the default for a {target.upper()} target"
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision, f"{precision}, as asked"
 
 
 def self_check(
@@ -354,10 +385,13 @@ def self_check(
     with torch.no_grad():
         ref_logit, ref_attention = module(*args)
     logit, attention = session.run(["logit", "attention"], feeds)
+    probability = 1.0 / (1.0 + np.exp(-np.asarray(logit, dtype=np.float64)))
+    ref_probability = torch.sigmoid(ref_logit.double()).numpy()
     return CheckResult(
         max_abs_logit=float(np.abs(logit - ref_logit.numpy()).max()),
         max_abs_attention=float(np.abs(attention - ref_attention.numpy()).max()),
         padded_attention_zero=bool(np.all(attention[~mask.numpy()] == 0)),
+        max_abs_probability=float(np.abs(probability - ref_probability).max()),
     )
 
 
@@ -671,6 +705,7 @@ def export_model(
                 "onnx": onnx.__version__,
                 "lora_folded": fmt == "merged",
                 "self_check": {k: c.to_dict() for k, c in checks.items()},
+                "parity_to_fp32": parity_summary(checks, precision) if checks else None,
             },
         }
         parse_manifest(json.loads(json.dumps(manifest)))  # refuse to write what serving would refuse

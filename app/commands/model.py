@@ -40,6 +40,19 @@ class ExportFormat(str, Enum):
     factored = "factored"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Target(str, Enum):
+    auto = "auto"
+    gpu = "gpu"
+    cpu = "cpu"
+
+
 def _split(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
@@ -69,10 +82,20 @@ def export_command(
             "--format", help="merged: one ONNX per task (default); factored: one graph + task input."
         ),
     ] = ExportFormat.merged,
-    fp16: Annotated[
-        bool, typer.Option("--fp16", help="fp16 weights/activations (GPU hosts); I/O stays fp32.")
-    ] = False,
-    int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantisation (CPU hosts).")] = False,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="auto: fp16 for a GPU target, fp32 for a CPU one. fp16: fp16 weights/activations, I/O fp32; "
+            "int8: dynamic int8 quantisation (CPU hosts). Parity to fp32 is measured and recorded.",
+        ),
+    ] = Precision.auto,
+    target: Annotated[
+        Target,
+        typer.Option("--target", help="Where the model will be served: gpu, cpu, or auto (this machine)."),
+    ] = Target.auto,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Same as --precision fp16.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Same as --precision int8.")] = False,
     thresholds: Annotated[
         Path | None,
         typer.Option("--thresholds", help="metrics.json or thresholds JSON: thresholds, AUROC, prevalence."),
@@ -100,13 +123,21 @@ def export_command(
     from rich.table import Table
 
     from operators.manifest import ManifestError, load_manifest
-    from training.export import ExportError, export_model
+    from operators.ort_session import gpu_present
+    from training.export import ExportError, export_model, resolve_precision
 
     console, err = Console(), Console(stderr=True)
-    if fp16 and int8:
-        err.print("[red]error:[/red] --fp16 and --int8 exclude each other")
+    shorthand = [name for name, on in (("fp16", fp16), ("int8", int8)) if on]
+    if len(shorthand) > 1 or (shorthand and precision.value not in ("auto", shorthand[0])):
+        asked = ", ".join(
+            [f"--{n}" for n in shorthand]
+            + ([f"--precision {precision.value}"] if precision.value != "auto" else [])
+        )
+        err.print(f"[red]error:[/red] {asked} exclude each other")
         raise typer.Exit(2)
-    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    where = target.value if target is not Target.auto else ("gpu" if gpu_present() else "cpu")
+    chosen, why = resolve_precision(shorthand[0] if shorthand else precision.value, where)
+    console.print(f"precision: {why}")
     data: dict[str, Any] | None = None
     if training_data is not None:
         try:
@@ -132,7 +163,7 @@ def export_command(
                 checkpoint,
                 out,
                 fmt=fmt.value,
-                precision=precision,
+                precision=chosen,
                 tasks=_split(tasks),
                 thresholds=thresholds,
                 threshold_rule=threshold_rule,
@@ -165,6 +196,13 @@ def export_command(
             "skipped" if diff is None else f"{diff:.1e}",
         )
     console.print(table)
+    parity = json.loads((out / "manifest.json").read_text())["export"].get("parity_to_fp32")
+    if parity and parity["precision"] != "fp32":
+        console.print(
+            f"parity of {parity['precision']} to PyTorch fp32 over {parity['tasks']} task(s): "
+            f"max |Δlogit| {parity['max_abs_logit_diff']:.2e}, max |Δprobability| "
+            f"{parity['max_abs_probability_diff']:.2e} (manifest export.parity_to_fp32)"
+        )
     total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     console.print(f"wrote {out} ({total / 2**20:.1f} MB, {len(manifest.tasks)} task(s))")
 
