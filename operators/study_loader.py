@@ -18,6 +18,7 @@ import pydicom
 from monai.deploy.core import ConditionType, Fragment, OperatorSpec
 from monai.deploy.core.domain import DICOMSeries, DICOMStudy
 from monai.deploy.operators import DICOMDataLoaderOperator
+from pydicom.uid import UID
 
 from operators.study_case import Outcome, StudyCase
 
@@ -27,8 +28,18 @@ logger = logging.getLogger(__name__)
 DEFER_SIZE = 64 * 1024
 
 
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
 def read_instance(path: Path) -> tuple[pydicom.Dataset | None, str]:
-    """Read one file's dataset with large elements deferred; (None, reason) when it is not usable."""
+    """Read one file's dataset with large elements deferred; (None, reason) when it is not usable.
+
+    Archives hold interrupted copies. pydicom reads a file cut short as far as it goes without an
+    error, so a copy holding only the first 2,000 bytes of a slice looks like an instance without its
+    rescale and pixels; such a copy (an image with no pixel data, or pixel data longer than the file)
+    is refused here, and the intact original of the same SOP instance is the one that counts.
+    """
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never fatal
@@ -38,16 +49,32 @@ def read_instance(path: Path) -> tuple[pydicom.Dataset | None, str]:
             return None, f"missing {keyword}"
     if ds.SOPClassUID in DICOMDataLoaderOperator.SOP_CLASSES_TO_IGNORE:
         return None, "DICOMDIR (media directory, not an instance)"
+    size = path.stat().st_size
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if raw is None:
+        if UID(str(ds.SOPClassUID)).name.endswith("Image Storage"):
+            return None, f"truncated: an image without pixel data ({size} bytes; an interrupted copy?)"
+        return ds, ""
+    length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and UID(str(syntax)).is_deflated:
+        return ds, ""  # positions are in the inflated stream; a cut stream fails to inflate instead
+    if length is not None and tell is not None and length != UNDEFINED_LENGTH and tell + length > size:
+        return None, f"truncated: pixel data needs {tell + length} bytes, the file has {size}"
     return ds, ""
 
 
 class StudyLoaderOperator(DICOMDataLoaderOperator):
     """Folder of DICOM files (any layout) → ``list[StudyCase]``, one per StudyInstanceUID."""
 
-    def __init__(self, fragment: Fragment, *args: Any, input_folder: Path, output_folder: Path, **kwargs: Any) -> None:
+    def __init__(
+        self, fragment: Fragment, *args: Any, input_folder: Path, output_folder: Path, **kwargs: Any
+    ) -> None:
         self.output_folder = Path(output_folder)
         self.skipped: list[tuple[str, str]] = []
-        super().__init__(fragment, *args, input_folder=Path(input_folder), output_name="cases", must_load=False, **kwargs)
+        super().__init__(
+            fragment, *args, input_folder=Path(input_folder), output_name="cases", must_load=False, **kwargs
+        )
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input(self.input_name).condition(ConditionType.NONE)
@@ -70,7 +97,9 @@ class StudyLoaderOperator(DICOMDataLoaderOperator):
 
 def list_files(folder: Path) -> list[str]:
     """Every file under ``folder`` (any depth), sorted: the loader reads each one's header."""
-    return sorted(str(Path(root) / name) for root, _, names in os.walk(folder, followlinks=True) for name in names)
+    return sorted(
+        str(Path(root) / name) for root, _, names in os.walk(folder, followlinks=True) for name in names
+    )
 
 
 def load_cases(folder: Path, output_folder: Path) -> tuple[list[StudyCase], list[tuple[str, str]]]:

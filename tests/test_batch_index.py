@@ -134,3 +134,32 @@ def test_process_command_help_and_usage(tmp_path: Path) -> None:
         cli, ["process", str(tmp_path), str(tmp_path / "out"), "--from", "2024-02-30"]
     )
     assert bad_date.exit_code == 2 and "not a date" in bad_date.output
+
+
+@pytest.mark.parametrize("cut", ["before-pixels", "inside-pixels"])
+def test_a_partial_copy_never_wins_over_the_intact_original(tmp_path: Path, cut: str) -> None:
+    """An interrupted copy of a slice found before the original by origin (cut before its pixel data,
+    so that pydicom reads it without an error, or inside it): refused as truncated, and the intact
+    original is the one indexed."""
+    import pydicom
+
+    arch = tmp_path / "arch"
+    files = _series(arch / "b-study", seed=3, patient="P3", date="20240301", n=4)
+    data = files[0].read_bytes()
+    pixels = pydicom.dcmread(files[0], defer_size=16).get_item(0x7FE00010, keep_deferred=True).value_tell
+    end = pixels - 12 if cut == "before-pixels" else pixels + 100  # 12 = the PixelData element header
+    partial = arch / "a-interrupted" / files[0].name  # sorts first: "first by origin" used to keep it
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:end])
+    index = ArchiveIndex(tmp_path / "index.sqlite")
+    found = discover(arch, DiscoverConfig(cache_dir=tmp_path / "cache"))
+    summary = index.build(found.candidates, found.skipped)
+    assert summary.instances == 4
+    (study,) = index.studies()
+    assert sorted(index.study_files(study.study_uid)) == sorted(files)
+    errors = index.file_errors()
+    (why,) = [r for p, r in errors if "a-interrupted" in p]
+    expected = "an image without pixel data" if cut == "before-pixels" else "pixel data needs"
+    assert why.startswith(f"truncated: {expected}"), why
+    assert not any("duplicate" in r for _, r in errors)
+    index.close()

@@ -24,8 +24,6 @@ from app.batch.discover import Candidate, Skip
 
 logger = logging.getLogger(__name__)
 
-PIXEL_DATA = 0x7FE00010
-UNDEFINED_LENGTH = 0xFFFFFFFF
 COMMIT_EVERY = 2000  # files
 
 SCHEMA = """
@@ -106,13 +104,6 @@ def read_header(path: Path) -> tuple[HeaderInfo | None, str]:
         elif why.startswith("missing "):
             why = f"not a usable DICOM instance ({why})"
         return None, why
-    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
-    length = getattr(raw, "length", None)
-    tell = getattr(raw, "value_tell", None)
-    if length is not None and tell is not None and length != UNDEFINED_LENGTH:
-        size = path.stat().st_size
-        if tell + length > size:
-            return None, f"truncated: pixel data needs {tell + length} bytes, the file has {size}"
     number = ds.get("SeriesNumber")
     try:
         series_number = int(number) if number not in (None, "") else None
