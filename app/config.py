@@ -14,12 +14,11 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import Field, PrivateAttr
 
 from operators.ort_session import SessionOptions
 from operators.series_selection import SelectionRules
-from operators.settings import Settings, SettingsError, WriterOptions
+from operators.settings import Settings, SettingsError, WriterOptions, read_yaml
 from operators.volume import VolumeChecks
 
 logger = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class AppConfig(Settings):
         candidates.append(REPO_APP_YAML)
         for candidate in candidates:
             if candidate is not None and Path(candidate).is_file():
-                data = yaml.safe_load(Path(candidate).read_text()) or {}
+                data = read_yaml(Path(candidate)) or {}
                 if not isinstance(data, dict):
                     raise SettingsError(f"{candidate}: expected a mapping of sections")
                 try:

@@ -388,18 +388,37 @@ def load_manifest(path: Path, *, verify_files: bool = True) -> ModelManifest:
     return manifest
 
 
+def check_model(path: Path) -> Path:
+    """The model folder at ``path`` (or its ``hyperct/``), with a valid manifest and every file it
+    names present, without hashing them (the runner does that when it loads the model). Costs
+    milliseconds, so a command checks its model before it starts any work: a node that listens
+    without a usable model, or a run that fails after the graph started, helps nobody."""
+    model_dir = find_model_dir(path)
+    manifest = load_manifest(model_dir, verify_files=False)
+    for t in manifest.tasks:
+        for name, _ in t.files():
+            _task_file(model_dir, t.key, name)
+    return model_dir
+
+
+def _task_file(model_dir: Path, task: str, name: str) -> Path:
+    """A task's file, refused when it points outside the model folder or is missing."""
+    root = Path(model_dir).resolve()
+    f = (root / name).resolve()
+    if root not in f.parents:
+        raise ManifestError(f"tasks ({task}): file {name!r} points outside the model folder")
+    if not f.is_file():
+        raise ManifestError(f"tasks ({task}): file {name} is missing from {model_dir}")
+    return f
+
+
 def verify_task_files(manifest: ModelManifest, model_dir: Path) -> None:
     """Every task file (and its external data) exists, stays inside the model folder, and has the
     recorded SHA-256. A file shared by several tasks (factored format) is hashed once."""
-    root = Path(model_dir).resolve()
     hashes: dict[Path, str] = {}
     for t in manifest.tasks:
         for name, expected in t.files():
-            f = (root / name).resolve()
-            if root not in f.parents:
-                raise ManifestError(f"tasks ({t.key}): file {name!r} points outside the model folder")
-            if not f.is_file():
-                raise ManifestError(f"tasks ({t.key}): file {name} is missing from {model_dir}")
+            f = _task_file(model_dir, t.key, name)
             if f not in hashes:
                 hashes[f] = sha256_file(f)
             got = hashes[f]

@@ -13,7 +13,9 @@ share is decided here, once:
   CLI;
 * **overrides** are dotted keys set on the raw data before validation (:func:`set_dotted`), so
   ``--set key=value``, ``HYPERCT_NODE_<SECTION>_<KEY>`` (:func:`env_key`) and the file are validated
-  by the same model, once.
+  by the same model, once; :attr:`SettingsError.loc` lets a loader name where a bad value came from;
+* **files** are read by :func:`read_yaml` (a syntax error is one line with the file, line and column),
+  and a relative ``Path`` setting in a file means a path next to that file (:func:`resolve_paths`).
 
 The models are frozen: a loaded configuration is a value. Values are converted the lenient way
 (pydantic's lax mode): ``"2000"`` is a port, ``yes``/``1``/``true`` a boolean, ``1e-3`` (which
@@ -29,8 +31,10 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
+import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 __all__ = [
@@ -41,6 +45,8 @@ __all__ = [
     "env_key",
     "merge",
     "names_setting",
+    "read_yaml",
+    "resolve_paths",
     "set_dotted",
 ]
 
@@ -48,7 +54,15 @@ S = TypeVar("S", bound="Settings")
 
 
 class SettingsError(ValueError):
-    """A configuration key or value is invalid; the one-line message names the dotted key."""
+    """A configuration key or value is invalid; the one-line message names the dotted key.
+
+    ``loc`` is where the (first) problem sits below the validated model, as keys and list indexes
+    (``("receiver", "port")``), so a loader that merged several sources can say which one gave the
+    bad value (a file, an environment variable, an option)."""
+
+    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.loc = loc
 
 
 def _hyphenated(name: str) -> str:
@@ -107,7 +121,7 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise SettingsError(explain(exc, cls, where)) from None
+            raise SettingsError(explain(exc, cls, where), tuple(exc.errors()[0]["loc"])) from None
 
     def to_dict(self, *, hyphenated: bool = False) -> dict[str, Any]:
         """Plain data (lists, strings, numbers) that :meth:`from_dict` reads back unchanged."""
@@ -232,6 +246,65 @@ def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
         field = _field(current, part)
         current = _settings_type(field.annotation) if field is not None else None
     return current
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: YAML syntax errors in one line, paths relative to the file
+# --------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> Any:
+    """The data of a YAML file. A syntax error becomes one line naming the file, line and column:
+    PyYAML's own message spans several lines and names ``<unicode string>``, not the file."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        where = f"{_at(exc.problem_mark)}: " if exc.problem_mark else ""
+        text = f"{path}: {where}YAML syntax error: {exc.problem or exc.context}"
+        if exc.problem and exc.context:  # e.g. "while parsing a flow sequence" opened lines earlier
+            text += f" ({exc.context}" + (f", {_at(exc.context_mark)}" if exc.context_mark else "") + ")"
+        raise SettingsError(text) from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: YAML syntax error: {exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path}: not UTF-8 text (is it a YAML file?)") from None
+
+
+def _at(mark: yaml.Mark) -> str:
+    """``line 3, column 1`` for a PyYAML mark (1-based, as editors count; PyYAML's are 0-based)."""
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def resolve_paths(model: type[BaseModel], data: dict[str, Any], base: Path) -> None:
+    """Make every relative ``Path`` setting of ``model`` in ``data`` (a file's raw values), and every
+    relative ``Path`` default, relative to ``base`` (the file's folder), in place.
+
+    Why: a file must mean the same whichever folder the shell is in; otherwise ``hyperct status -c
+    node.yaml`` finds the node's data from one folder and not from another. Values that come later
+    from the environment or the command line are not touched: those are relative to where they are
+    typed."""
+    for name, field in model.model_fields.items():
+        key = next((k for k in data if _norm(k) == name or k == field.alias), name)
+        sub = _settings_type(field.annotation)
+        if sub is not None:
+            section = data.get(key, {})
+            if isinstance(section, dict):
+                resolve_paths(sub, section, base)
+                if section:
+                    data[key] = section
+            continue
+        value = data.get(key, field.default)
+        if _is_path(field.annotation) and isinstance(value, str | Path) and _is_relative(value):
+            data[key] = str(base / value)
+
+
+def _is_path(annotation: Any) -> bool:
+    """``Path`` or ``Path | None``."""
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+def _is_relative(value: str | Path) -> bool:
+    return bool(str(value)) and not Path(value).is_absolute()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -220,6 +220,86 @@ def test_hyperct_run_exit_code_for_nothing_eligible(tmp_path: Path, model_dir: P
     assert result.exit_code == EXIT_NOT_PROCESSED, result.output
 
 
+# User errors of `hyperct run`: exit 2, one line naming the culprit, no traceback, no Holoscan usage
+# text, nothing created, found before the MONAI Deploy / Holoscan stack is imported (#19).
+
+
+def _run_refused(*args: str) -> str:
+    """The one ``error: ...`` line of a refused ``hyperct run``."""
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", *args], env={"COLUMNS": "250"})
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "usage:" not in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_hyperct_run_refuses_an_output_folder_it_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through permission bits: answer as a read-only mount would
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real(p, mode, **kw))
+    line = _run_refused(str(tmp_path / "in"), str(tmp_path / "afile" / "out"), "-m", str(tmp_path / "none"))
+    assert line == f"error: OUT {tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} is a file, not a folder"
+    line = _run_refused(str(tmp_path / "in"), str(read_only / "out"), "-m", str(tmp_path / "none"))
+    assert line == f"error: OUT {read_only / 'out'}: {read_only} is not writable"
+
+
+def test_hyperct_run_without_a_model_says_where_it_looked_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    line = _run_refused(str(tmp_path / "in"), str(out), "-m", str(tmp_path / "nomodel"))
+    assert f"{tmp_path / 'nomodel'}: no manifest.json here" in line and "`hyperct model demo`" in line
+    monkeypatch.chdir(tmp_path)  # no -m: ./models, relative to the current folder
+    monkeypatch.delenv("HOLOSCAN_MODEL_PATH", raising=False)
+    line = _run_refused("in", "out")
+    assert f"{tmp_path / 'models'}: no manifest.json here or in {tmp_path / 'models' / 'hyperct'}" in line
+    assert not out.exists(), "no empty OUT left behind"
+
+
+def test_hyperct_run_refuses_an_app_yaml_with_a_syntax_error(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    bad = tmp_path / "app.yaml"
+    bad.write_text("outputs:\n  seg: [true\n")
+    line = _run_refused(str(tmp_path / "in"), str(tmp_path / "out"), "-c", str(bad))
+    assert line.startswith(f"error: {bad}: line 3, column 1: YAML syntax error")
+
+
+def test_hyperct_run_help_shows_the_model_default() -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    shown = CliRunner().invoke(cli, ["run", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert "default: ($HOLOSCAN_MODEL_PATH, else ./models)" in shown.output, shown.output
+
+
+def test_hyperct_run_user_errors_come_before_the_heavy_imports(tmp_path: Path) -> None:
+    """What makes them cost well under 2 s instead of ≈ 8 s: MONAI Deploy, Holoscan, torch and ONNX
+    Runtime are never imported on the way to the error."""
+    (tmp_path / "in").mkdir()
+    argv = ["hyperct", "run", str(tmp_path / "in"), str(tmp_path / "out"), "-m", str(tmp_path / "none")]
+    heavy = ("holoscan", "monai", "torch", "onnxruntime")
+    script = (
+        f"import sys\nfrom app.cli import main\nsys.argv = {argv!r}\n"
+        f"try:\n    main()\nexcept SystemExit as e:\n    print(e.code, [m for m in {heavy!r} if m in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+
+
 def test_mr_only_and_corrupt_inputs_end_with_clear_outcomes(
     tmp_path: Path, runner: HyperCTRunner, model_dir: Path
 ) -> None:

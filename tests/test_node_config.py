@@ -4,6 +4,9 @@ spool retention, and the outbox classification — without a model."""
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from app.node.spool import Spool
 from app.node.store import InstanceRecord, NodeStore
 from operators.settings import SettingsError
 from tests.dicom_fixtures import ct_series, write_series
-from tests.node_fixtures import SCU_AE
+from tests.node_fixtures import ROOT, SCU_AE
 from tests.peers import LOOPBACK, free_port, make_tls_files
 
 
@@ -141,6 +144,146 @@ def test_serve_help_explains_every_option_and_prints_config(tmp_path: Path) -> N
     assert node["receiver"]["port"] == 4321 and node["outbox"]["destinations"] == ["P@127.0.0.1:5"]
     bad = CliRunner().invoke(cli, ["serve", "--late-arrivals", "sometimes"])
     assert bad.exit_code == 2 and "reprocess or ignore" in bad.output
+
+
+# --------------------------------------------------------------------------------------------------
+# User errors: exit 2, one line naming the culprit, no traceback, before anything is created (#19)
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line_error(exit_code: int, output: str) -> str:
+    """The single ``error: ...`` line of a refused command (exit 2, nothing else, no traceback)."""
+    assert exit_code == 2, output
+    assert "Traceback" not in output, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+def _node_file(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "node.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("command", [["serve"], ["status"], ["jobs", "list"]])
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path: Path, command: list[str]) -> None:
+    path = _node_file(tmp_path, "node:\n  receiver:\n    port: 1\n   bind: 127.0.0.1\n")
+    result = CliRunner().invoke(cli, [*command, "-c", str(path)])
+    line = _one_line_error(result.exit_code, result.output)
+    assert f"{path}: line 4, column 4: YAML syntax error" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ('node:\n  receiver:\n    port: "eleven"\n', {},
+         "{file}: node.receiver.port: expected an integer, got 'eleven'"),
+        ("node:\n  completion:\n    quiet-period-s: soon\n", {},
+         "{file}: node.completion.quiet-period-s: expected a number, got 'soon'"),
+        ("node:\n  receiver:\n    port: 11112\n", {"HYPERCT_NODE_RECEIVER_PORT": "abc"},
+         "error: HYPERCT_NODE_RECEIVER_PORT: node.receiver.port: expected an integer, got 'abc'"),
+    ],
+)  # fmt: skip
+def test_a_value_of_the_wrong_type_names_its_key_and_source(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    """The file's name for a value from the file, the variable's for one from the environment
+    (never the file's: the file was right)."""
+    path = _node_file(tmp_path, text)
+    result = CliRunner().invoke(cli, ["serve", "-c", str(path), "--print-config"], env=env)
+    assert message.format(file=path) in _one_line_error(result.exit_code, result.output)
+
+
+def test_jobs_list_refuses_an_unknown_state_naming_the_valid_ones(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["jobs", "list", "--data-dir", str(tmp_path), "--state", "bogus"])
+    line = _one_line_error(result.exit_code, result.output)
+    assert "'bogus'" in line
+    assert "queued, running, done, not_processed, failed, superseded" in line
+
+
+def _serve(folder: Path, settings: dict) -> subprocess.CompletedProcess[str]:
+    """``hyperct serve`` in its own process (it installs signal handlers and logging)."""
+    path = _node_file(folder, yaml.safe_dump({"node": settings}))
+    return subprocess.run(  # noqa: S603 - our own CLI
+        [sys.executable, "-m", "app.cli", "serve", "-c", str(path)],
+        cwd=folder, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("taken", ["receiver", "health"])
+def test_serve_refuses_a_port_in_use_naming_port_and_setting(tmp_path: Path, taken: str) -> None:
+    with socket.socket() as other:
+        other.bind((LOOPBACK, 0))
+        other.listen()
+        busy = other.getsockname()[1]
+        ports = {"receiver": free_port(), "health": free_port(), taken: busy}
+        done = _serve(tmp_path, {"data-dir": "nd", "receiver": {"port": ports["receiver"]},
+                                 "health": {"port": ports["health"]}})  # fmt: skip
+    line = _one_line_error(done.returncode, done.stderr)
+    assert f"{taken}.port {busy}: {LOOPBACK}:{busy} is already in use" in line
+    assert not (tmp_path / "nd").exists(), "checked before the node created anything"
+
+
+def test_serve_refuses_a_missing_model_before_listening(tmp_path: Path) -> None:
+    done = _serve(tmp_path, {"data-dir": "nd", "receiver": {"port": free_port()}, "health": {"port": 0}})
+    line = _one_line_error(done.returncode, done.stderr)
+    models = tmp_path / "models"
+    assert f"worker.model: {models}: no manifest.json here or in {models / 'hyperct'}" in line
+    assert not (tmp_path / "nd").exists()
+
+
+def test_relative_paths_in_the_file_are_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not to the shell's folder: ``status -c`` must find the same node from anywhere; values from
+    the environment or the command line stay relative to where they are typed."""
+    conf = tmp_path / "conf"
+    path = _node_file(conf, "node:\n  data-dir: nd\n  receiver:\n    tls: {certificate: certs/node.pem}\n"
+                            "  outbox:\n    tls: {ca: /etc/ca.pem}\n")  # fmt: skip
+    cfg = NodeConfig.load(path, environ={})
+    assert cfg.data_path == conf / "nd"
+    assert cfg.worker.model == conf / "models"  # a relative default, too, is the file's
+    assert cfg.receiver.tls.certificate == conf / "certs" / "node.pem"
+    assert cfg.outbox.tls.ca == Path("/etc/ca.pem")
+    from_env = NodeConfig.load(
+        path, environ={"HYPERCT_NODE_DATA_DIR": "here"}, overrides={"worker.model": "m"}
+    )
+    assert from_env.data_path == Path("here") and from_env.worker.model == Path("m")
+    assert NodeConfig.load(None, environ={}).data_path == Path("node-data")  # no file: the current folder
+
+    NodeStore(conf / "nd" / "state.sqlite").close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shown = CliRunner().invoke(cli, ["status", "-c", "../conf/node.yaml"])
+    assert shown.exit_code == 0, shown.output
+    assert "queue depth: 0" in shown.output
+
+
+def test_a_node_that_would_never_send_says_so(
+    tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No outbox.destinations: results never leave, so the start-up log and ``hyperct status`` warn."""
+    settings = {"receiver": {"port": free_port(), "allowed-callers": ["PACS"]}, "health": {"port": 0},
+                "worker": {"model": str(model_dir)}}  # fmt: skip
+    path = _node_file(tmp_path, yaml.safe_dump({"node": settings}))
+    cfg = NodeConfig.load(path, environ={})
+    (warning,) = cfg.warnings()
+    assert warning.startswith("outbox.destinations is empty: results stay")
+    service = NodeService(cfg)
+    with caplog.at_level("WARNING", logger="app.node.service"):
+        service.start()
+        service.shutdown()
+    assert warning in caplog.messages
+    shown = CliRunner().invoke(cli, ["status", "-c", str(path)])
+    assert shown.exit_code == 0 and f"warning: {warning}" in shown.output, shown.output
+    as_json = CliRunner().invoke(cli, ["status", "-c", str(path), "--json"])
+    assert __import__("json").loads(as_json.output)["warnings"] == [warning]
+    sending = NodeConfig.load(path, environ={}, overrides={"outbox.destinations": ["PACS@127.0.0.1:104"]})
+    assert sending.warnings() == []
 
 
 def test_tls_receiver_with_mutual_authentication(tmp_path: Path) -> None:

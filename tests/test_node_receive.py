@@ -5,6 +5,7 @@ duplicates, and rebuilding the state from the spool."""
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 import subprocess
 import time
@@ -192,21 +193,29 @@ def test_disk_full_answers_out_of_resources_and_records_nothing(tmp_path: Path, 
 # --------------------------------------------------------------------------------------------------
 
 
-def test_unknown_calling_ae_and_wrong_host_are_rejected_at_association(
-    tmp_path: Path, series_dir: Path
+def test_unknown_calling_ae_wrong_host_and_wrong_called_ae_are_rejected_logged_and_counted(
+    tmp_path: Path, series_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with receiver(tmp_path, allowed=(SCU_AE, "OTHERHOST@10.9.8.7")) as (rx, spool, state):
+    with caplog.at_level(logging.WARNING, logger="app.dimse.receiver"), \
+            receiver(tmp_path, allowed=(SCU_AE, "OTHERHOST@10.9.8.7")) as (rx, spool, state):  # fmt: skip
         stranger = _send(rx.port, _files(series_dir), aet="STRANGER")
         wrong_host = _send(rx.port, _files(series_dir), aet="OTHERHOST")
         echo = subprocess.run([require_binary("echoscu"), "-aet", SCU_AE, "-aec", "HYPERCT", LOOPBACK, str(rx.port)],
                               capture_output=True, text=True, timeout=30)  # fmt: skip
         wrong_called = _send(rx.port, _files(series_dir)[:1], extra=("-aec", "NOTUS"))
-        assert rx.counters["associations_rejected"] == 2
+        assert rx.counters["associations_rejected"] == 3
         for result in (stranger, wrong_host, wrong_called):
             assert result.returncode != 0
             assert "Association Rejected" in result.stdout + result.stderr
+        assert "Reason: Called AE Title Not Recognized" in wrong_called.stdout + wrong_called.stderr
         assert echo.returncode == 0, echo.stderr
         assert state.db.query("SELECT COUNT(*) FROM instances")[0][0] == 0
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert rejected == [
+        f"association from 'STRANGER' at {LOOPBACK} rejected: calling AE not in the allow-list",
+        f"association from 'OTHERHOST' at {LOOPBACK} rejected: calling AE not in the allow-list",
+        f"association from '{SCU_AE}' at {LOOPBACK} rejected: called AE 'NOTUS' is not ours ('HYPERCT')",
+    ]  # AE titles and the host only: a rejected peer sent no patient data
 
 
 def test_corrupt_instance_fails_alone(tmp_path: Path, series_dir: Path) -> None:

@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from app.commands.usage import fail
+from app.node.store.jobs import JOB_STATES
+
 if TYPE_CHECKING:
     from app.node.config import NodeConfig
     from app.node.store import NodeStore, OutboxStore
@@ -34,9 +37,13 @@ _DATA = typer.Option(None, "--data-dir", help="The node's data folder (overrides
 
 
 def _folder(config: Path | None, data_dir: Path | None) -> NodeConfig:
+    """The node's settings (for its data folder); a bad file or variable is one line, exit 2."""
     from app.node.config import NodeConfig
 
-    return NodeConfig.load(config, overrides={"data_dir": str(data_dir) if data_dir else None})
+    try:
+        return NodeConfig.load(config, overrides={"data_dir": str(data_dir) if data_dir else None})
+    except (ValueError, OSError) as exc:
+        fail(exc)
 
 
 def _batch_outbox_path(folder: Path) -> Path:
@@ -73,11 +80,13 @@ def _when(ts: float | None) -> str:
 def list_jobs(
     config: Path = _CONFIG,
     data_dir: Path = _DATA,
-    state_filter: str = typer.Option(None, "--state", help="Only jobs in this state (queued, running, done, failed, not_processed, superseded)."),
+    state_filter: str = typer.Option(None, "--state", help=f"Only jobs in this state ({', '.join(JOB_STATES)})."),
     limit: int = typer.Option(50, "--limit", help="At most this many, newest first."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:  # fmt: skip
     """List jobs, newest first."""
+    if state_filter is not None and state_filter not in JOB_STATES:
+        fail(f"--state {state_filter!r} is not a job state; use one of: {', '.join(JOB_STATES)}")
     state, _ = _state(config, data_dir)
     rows = state.jobs.rows(state_filter, limit)
     if as_json:
@@ -141,19 +150,23 @@ def purge(
 
 def status(config: Path = _CONFIG, data_dir: Path = _DATA, errors: int = typer.Option(5, "--errors", help="How many recent errors to show."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:  # fmt: skip
-    """Queue depth, studies/jobs/outbox by state, last errors."""
+    """Queue depth, studies/jobs/outbox by state, last errors, and the settings that leave the
+    node quietly useless (with ``-c``: those are read from the file)."""
     outbox = _batch_outbox(_folder(config, data_dir).data_path)
     if outbox is not None:
         _batch_status(outbox, as_json)
         return
-    state, _ = _state(config, data_dir)
+    state, cfg = _state(config, data_dir)
     counts = state.counts()
     jobs = counts["jobs"]
     counts["queue_depth"] = jobs.get("queued", 0) + jobs.get("running", 0)
     counts["last_errors"] = state.journal.last_errors(errors)
+    counts["warnings"] = cfg.warnings() if config is not None else []
     if as_json:
         typer.echo(json.dumps(counts, indent=2, default=str))
         return
+    for warning in counts["warnings"]:
+        typer.echo(f"warning: {warning}")
     typer.echo(
         f"queue depth: {counts['queue_depth']} (queued {jobs.get('queued', 0)}, running {jobs.get('running', 0)})"
     )

@@ -1,5 +1,9 @@
 """``hyperct serve``: run the DICOM node (see docs/node.md).
 
+Everything the user gave is checked before anything is created or listens, and a problem is one
+line naming the culprit, exit 2: the file (YAML syntax with line and column, keys and values by
+name), the environment variable, the ports, the model (:meth:`NodeService.check`).
+
 Wire with::
 
     from app.commands import serve as serve_cmd
@@ -11,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from app.commands.usage import fail
 
 HELP = (
     "Run the DICOM node: receive studies by C-STORE (C-ECHO too), spool them durably, process each "
@@ -30,7 +36,7 @@ def serve(
     port: int = typer.Option(None, "--port", "-p", help="DICOM port (setting receiver.port, 11112)."),
     allow: list[str] = typer.Option(None, "--allow", help="Allowed calling AE, 'AE' or 'AE@host' (repeat) (setting receiver.allowed-callers); others are rejected at association."),
     accept_any_caller: bool = typer.Option(None, "--accept-any-caller/--allow-list-only", help="Accept every calling AE (test benches only) (setting receiver.accept-any-caller, off)."),
-    model: Path = typer.Option(None, "--model", "-m", help="Model folder with manifest.json (setting worker.model, ./models)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Model folder with manifest.json (setting worker.model, ./models; with --config: next to the file)."),
     app_config: Path = typer.Option(None, "--app-config", help="app.yaml for the pipeline (setting worker.app-config, $HOLOSCAN_CONFIG_PATH or the repo's)."),
     destination: list[str] = typer.Option(None, "--destination", "-d", help="Where results go, AE@host:port (repeat) (setting outbox.destinations)."),
     calling_ae: str = typer.Option(None, "--calling-ae", help="Our AE title when sending results (setting outbox.calling-ae, HYPERCT)."),
@@ -70,12 +76,14 @@ def serve(
     try:
         cfg = NodeConfig.load(config, overrides=overrides)
     except (ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     if print_config:
         typer.echo(yaml.safe_dump({"node": cfg.to_dict()}, sort_keys=False))
         raise typer.Exit(0)
-    from app.node.service import NodeService, configure_logging
+    from app.node.service import NodeService, StartError, configure_logging
 
     configure_logging(cfg.logging.level, cfg.logging.as_json)
-    NodeService(cfg).serve_forever()
+    try:
+        NodeService(cfg).serve_forever()
+    except StartError as exc:
+        fail(exc)

@@ -16,7 +16,10 @@ Why each rule:
   :func:`operators.uids.is_own_output`) and any other SR/SEG are stored but never trigger. The
   state quarantines a study whose instances disagree on PatientID/issuer.
 * **Allow-list at association.** Unknown calling AEs (and, when configured, known AEs from another
-  host) are rejected with A-ASSOCIATE-RJ "calling AE title not recognised" before any data flows.
+  host) are rejected with A-ASSOCIATE-RJ "calling AE title not recognised" before any data flows;
+  an association addressed to another called AE gets "called AE title not recognised". Both are
+  logged (AE titles and host only) and counted: a peer configured with our address but the wrong
+  AE title must be visible from this side too, not only in the peer's log.
 * **One bad instance fails alone.** An instance that cannot be parsed gets 0xC210 (cannot
   understand); the association and the rest of the study go on.
 """
@@ -65,6 +68,9 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
 #: The SOP Instance UID already belongs to another study: refused, the first one stays.
 UID_CONFLICT = 0xC212
+# A-ASSOCIATE-RJ reasons given by the service user (PS3.8 Table 9-21)
+CALLING_AE_UNKNOWN = 0x03
+CALLED_AE_UNKNOWN = 0x07
 
 #: Storage SOP classes a chest CT study brings (plus results and dose reports that travel with it).
 STORAGE_SOP_CLASSES: dict[str, str] = {
@@ -246,17 +252,26 @@ class DicomReceiver:
 
     # -- handlers ---------------------------------------------------------------------------------
     def handle_requested(self, event: evt.Event) -> None:
-        """Reject unknown calling AEs (or known AEs from the wrong host) before negotiation."""
+        """Reject associations addressed to another AE title, then unknown calling AEs (or known
+        AEs from the wrong host), before negotiation."""
         primitive = event.assoc.requestor.primitive
+        assert primitive is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ has arrived
         calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
         host = str(event.assoc.requestor.address)
-        if self.options.accept_any_caller or any(
+        if called != self.options.ae_title:
+            why = f"called AE {called!r} is not ours ({self.options.ae_title!r})"
+            self._reject(event, CALLED_AE_UNKNOWN, why, calling, host)
+        elif not self.options.accept_any_caller and not any(
             c.matches(calling, host) for c in self.options.allowed_callers
         ):
-            return
+            self._reject(event, CALLING_AE_UNKNOWN, "calling AE not in the allow-list", calling, host)
+
+    def _reject(self, event: evt.Event, reason: int, why: str, calling: str, host: str) -> None:
+        """A-ASSOCIATE-RJ (rejected-permanent, service-user, ``reason``), logged and counted."""
         self.counters["associations_rejected"] += 1
-        logger.warning("association from %r at %s rejected: calling AE not in the allow-list", calling, host)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE unknown
+        logger.warning("association from %r at %s rejected: %s", calling, host, why)
+        event.assoc.acse.send_reject(0x01, 0x01, reason)
         event.assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ (as pynetdicom's own checks do)
 
     @staticmethod
@@ -271,7 +286,6 @@ class DicomReceiver:
         ae = AE(ae_title=self.options.ae_title)
         ae.maximum_pdu_size = self.options.max_pdu
         ae.maximum_associations = self.options.max_associations
-        ae.require_called_aet = True
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 60
         for sop_class in STORAGE_SOP_CLASSES.values():
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))

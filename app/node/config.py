@@ -17,6 +17,11 @@ the sender could not use (``PACS@host name:104``, ``PACS@::1:104``) stops the no
 Environment overrides are ``HYPERCT_NODE_<SECTION>_<KEY>`` (``HYPERCT_NODE_RECEIVER_PORT=11113``),
 values parsed as YAML scalars/lists (``HYPERCT_NODE_OUTBOX_DESTINATIONS='["PACS@127.0.0.1:4242"]'``);
 lists may also be comma-separated text (``HYPERCT_NODE_RECEIVER_ALLOWED_CALLERS=PACS,MODALITY``).
+A bad value is reported with its source: the file, the variable, or the command line.
+
+Relative paths in the file (and the relative defaults ``node-data`` and ``models`` when a file is
+given) are relative to the file's folder, so ``hyperct status -c node.yaml`` finds the same node
+from any folder; paths from the environment or the command line are relative to the current folder.
 """
 
 from __future__ import annotations
@@ -33,7 +38,16 @@ from pydantic import Field, PrivateAttr, field_validator, model_serializer
 from app.dimse.network import AETitle, RemoteNode, TlsConfig
 from app.dimse.receiver import ReceiverOptions
 from app.dimse.sender import RetryPolicy
-from operators.settings import CommaList, Settings, SettingsError, env_key, names_setting, set_dotted
+from operators.settings import (
+    CommaList,
+    Settings,
+    SettingsError,
+    env_key,
+    names_setting,
+    read_yaml,
+    resolve_paths,
+    set_dotted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +69,8 @@ class WorkerSettings(Settings):
 
     section: ClassVar[str] = "worker"
 
-    model: str = "models"
-    app_config: str | None = None  # app.yaml for the pipeline; None = HOLOSCAN_CONFIG_PATH or the repo's
+    model: Path = Path("models")
+    app_config: Path | None = None  # app.yaml for the pipeline; None = HOLOSCAN_CONFIG_PATH or the repo's
     max_job_attempts: int = Field(default=3, ge=1)
 
 
@@ -117,7 +131,7 @@ class NodeConfig(Settings):
 
     section: ClassVar[str] = "node"
 
-    data_dir: str = "node-data"  # state.sqlite, spool/, results/
+    data_dir: Path = Path("node-data")  # state.sqlite, spool/, results/
     receiver: ReceiverOptions = ReceiverOptions()
     completion: CompletionSettings = CompletionSettings()
     worker: WorkerSettings = WorkerSettings()
@@ -135,7 +149,20 @@ class NodeConfig(Settings):
 
     @property
     def data_path(self) -> Path:
-        return Path(self.data_dir)
+        return self.data_dir
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but leave the node quietly useless, one line each: logged when
+        the node starts and shown by ``hyperct status``, because nothing else would tell."""
+        found = []
+        if not self.outbox.destinations:
+            found.append(
+                "outbox.destinations is empty: results stay in the node's results/ folder and are "
+                "never sent (add AE@host:port destinations)"
+            )
+        if not self.receiver.allowed_callers and not self.receiver.accept_any_caller:
+            found.append("receiver.allowed-callers is empty: every association will be rejected")
+        return found
 
     @classmethod
     def load(
@@ -147,14 +174,8 @@ class NodeConfig(Settings):
     ) -> NodeConfig:
         """File (its ``node:`` section, or the whole file when it has none), then the environment,
         then ``overrides`` (dotted keys, e.g. ``{"receiver.port": 11113}``; None values are skipped)."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(raw, dict):
-                raise SettingsError(f"{path}: expected a mapping")
-            data = raw.get("node", raw) or {}  # app.yaml with other sections: those are app.config's
-            if not isinstance(data, dict):
-                raise SettingsError(f"{path}: 'node' must be a mapping")
+        data = _file_data(Path(path)) if path is not None else {}
+        sources: dict[tuple[str, ...], str] = {}  # the settings not from the file, and where from
         env = os.environ if environ is None else environ
         for name, text in sorted(env.items()):
             if name.startswith(ENV_PREFIX):
@@ -162,17 +183,44 @@ class NodeConfig(Settings):
                 if dotted is None:
                     raise SettingsError(f"{name}: unknown setting {name[len(ENV_PREFIX) :].lower()!r}")
                 set_dotted(data, dotted, _yaml_value(text), where=name)
+                sources[_parts(dotted)] = name
         for dotted, value in (overrides or {}).items():
             if value is not None:
                 if not names_setting(cls, dotted):
                     raise SettingsError(f"--{dotted}: unknown setting {dotted!r}")
                 set_dotted(data, dotted, value, where=f"--{dotted}")
+                sources[_parts(dotted)] = "command line"
         try:
             config = cls.from_dict(data)
         except SettingsError as exc:
-            raise SettingsError(f"{path}: {exc}" if path is not None else str(exc)) from None
+            source = _source_of(exc.loc, sources) or (str(path) if path is not None else "")
+            raise SettingsError(f"{source}: {exc}" if source else str(exc), exc.loc) from None
         config._source = str(path) if path is not None else "defaults"
         return config
+
+
+def _file_data(path: Path) -> dict[str, Any]:
+    """The node settings of a file: its ``node:`` section, or the whole file when it has none, with
+    relative paths made relative to the file's folder."""
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: expected a mapping")
+    data = raw.get("node", raw) or {}  # app.yaml with other sections: those are app.config's
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: 'node' must be a mapping")
+    resolve_paths(NodeConfig, data, path.parent)
+    return data
+
+
+def _parts(dotted: str) -> tuple[str, ...]:
+    return tuple(part.replace("-", "_") for part in dotted.split("."))
+
+
+def _source_of(loc: tuple[str | int, ...], sources: dict[tuple[str, ...], str]) -> str | None:
+    """Which environment variable or option set the setting at ``loc`` (None: the file, or a
+    default): a message must name what the user has to change."""
+    keys = tuple(str(part).replace("-", "_") for part in loc if isinstance(part, str))
+    return next((source for parts, source in sources.items() if keys[: len(parts)] == parts), None)
 
 
 def _yaml_value(text: str) -> Any:

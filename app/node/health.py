@@ -31,7 +31,7 @@ def prometheus_text(counts: dict[str, Any], counters: dict[str, int]) -> str:
            [("", counts.get("instances", 0))])  # fmt: skip
     metric("hyperct_instances_failed_total", "counter", "C-STORE requests answered with a failure since start.",
            [("", counters.get("instances_failed", 0))])  # fmt: skip
-    metric("hyperct_associations_rejected_total", "counter", "Associations rejected (allow-list) since start.",
+    metric("hyperct_associations_rejected_total", "counter", "Associations rejected (called AE or allow-list) since start.",
            [("", counters.get("associations_rejected", 0))])  # fmt: skip
     metric("hyperct_studies", "gauge", "Studies by state.",
            [(f'{{state="{k}"}}', v) for k, v in sorted(counts.get("studies", {}).items())])  # fmt: skip

@@ -7,18 +7,24 @@ first (no new instances; peers re-send anything not acknowledged), let the runni
 (its result is recorded, or it is re-queued at the next start if the process is killed), let the
 outbox finish its current batch, then close the database. Nothing acknowledged is ever lost,
 because everything acknowledged is already durable.
+
+Before anything is created or listens, :meth:`NodeService.check` finds what would stop the node
+later: a port in use, a model whose manifest does not load, a bad ``app.yaml``. Each is a
+:class:`StartError` whose one line names the setting to change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from app.node.config import NodeConfig
 from app.node.health import HealthServer, prometheus_text
@@ -30,9 +36,16 @@ from app.node.spool import Spool
 from app.node.store import NodeStore
 from app.node.worker import Worker
 
+if TYPE_CHECKING:
+    from app.config import AppConfig
+
 logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+class StartError(ValueError):
+    """The node cannot start as configured; the one-line message names the setting to change."""
 
 
 class NodeService:
@@ -47,12 +60,37 @@ class NodeService:
         self._threads: list[threading.Thread] = []
         self.receiver: Any = None
         self.health: HealthServer | None = None
+        self.app_config: AppConfig | None = None
 
     # ------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise :class:`StartError` for what would stop the node after it has started, before
+        anything is created or listens: a node that accepts studies it can never process only
+        fills its spool. Ports are probed, the model's manifest is read (files not hashed),
+        ``app.yaml`` is loaded (and kept for the worker)."""
+        from app.config import AppConfig
+        from operators.manifest import ManifestError, check_model
+
+        cfg = self.config
+        _check_port("receiver", cfg.receiver.bind, cfg.receiver.port)
+        if cfg.health.port:
+            _check_port("health", cfg.health.bind, cfg.health.port)
+        try:
+            check_model(cfg.worker.model.absolute())
+        except ManifestError as exc:
+            raise StartError(f"worker.model: {exc}") from None
+        try:
+            self.app_config = AppConfig.load(cfg.worker.app_config)
+        except (ValueError, OSError) as exc:
+            raise StartError(f"worker.app-config: {exc}") from None
+
     def start(self) -> None:
         from app.dimse.receiver import DicomReceiver
 
+        self.check()
         cfg = self.config
+        for warning in cfg.warnings():
+            logger.warning("%s", warning)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = NodeStore(self.data_dir / "state.sqlite")
         self.spool = Spool(self.data_dir / "spool")
@@ -68,25 +106,23 @@ class NodeService:
         )
         rc = cfg.receiver
         self.receiver = DicomReceiver(rc, Inbox(self.spool, self.store, late_policy=cfg.completion.late_arrivals))
-        if not rc.allowed_callers and not rc.accept_any_caller:
-            logger.warning("receiver.allowed_callers is empty: every association will be rejected")
-        self.receiver.start()
+        with _listening("receiver", rc.bind, rc.port):  # a port taken since check()
+            self.receiver.start()
         self._spawn("outbox", self.outbox.run, self.stop_event, cfg.outbox.poll_interval_s)
         if cfg.health.port:
-            self.health = HealthServer(
-                cfg.health.bind, cfg.health.port, live=self.live, ready=self.ready, metrics=self.metrics
-            )
+            with _listening("health", cfg.health.bind, cfg.health.port):
+                self.health = HealthServer(
+                    cfg.health.bind, cfg.health.port, live=self.live, ready=self.ready, metrics=self.metrics
+                )
             self.health.start()
         # The receiver is up first (durable receive needs no model); then the model is loaded once,
         # so the first study does not pay for it.
-        from app.config import AppConfig
         from app.pipeline import Pipeline
 
-        app_config = AppConfig.load(Path(cfg.worker.app_config) if cfg.worker.app_config else None)
         self.worker = Worker(
             self.store,
             self.data_dir,
-            Pipeline(Path(cfg.worker.model), app_config),
+            Pipeline(cfg.worker.model, self.app_config),
             destinations=[str(d) for d in cfg.outbox.destinations],
             max_attempts=cfg.worker.max_job_attempts,
         )
@@ -175,6 +211,35 @@ class NodeService:
             self.run()
         finally:
             self.shutdown()
+
+
+@contextlib.contextmanager
+def _listening(section: str, bind: str, port: int) -> Iterator[None]:
+    """Turn a failed bind into one line naming the port and the settings that chose it (the bare
+    ``OSError: [Errno 98]`` names neither)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartError(
+                f"{section}.port {port}: {bind}:{port} is already in use (another program or node "
+                f"listens there); choose another {section}.port or stop that program"
+            ) from None
+        raise StartError(
+            f"{section}.bind {bind}, {section}.port {port}: cannot listen there: {exc}"
+        ) from None
+
+
+def _check_port(section: str, bind: str, port: int) -> None:
+    """Bind ``bind:port`` and let it go, as the server will bind it (``SO_REUSEADDR``, like
+    ``socketserver``): fails when something listens there. Port 0 (any free port) always works."""
+    if not port:
+        return
+    with _listening(section, bind, port):
+        family = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((bind, port))
 
 
 def _install_signal_handlers(handler: Callable[..., None]) -> None:

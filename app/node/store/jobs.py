@@ -16,6 +16,9 @@ from app.node.store.db import Database, StateError
 from app.node.store.journal import Journal
 from app.node.store.outbox import OutboxItem, OutboxStore
 
+#: Every state a job can be in (``hyperct jobs list --state`` accepts these and no other).
+JOB_STATES = ("queued", "running", "done", "not_processed", "failed", "superseded")
+
 
 @dataclass(frozen=True)
 class Job:

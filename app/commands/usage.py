@@ -1,0 +1,20 @@
+"""How a command says that what it was given cannot work: one line on stderr, exit code 2.
+
+Why not ``typer.BadParameter``: it draws a framed usage panel around the message, and a mistake
+in a file, a folder or a port is not a mistake in the command's syntax. Commands check such inputs
+before they import the heavy stack or start any work, and stop here with the culprit named.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+EXIT_USAGE = 2
+
+
+def fail(message: object) -> NoReturn:
+    """``error: <message>`` on stderr, exit 2 (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
