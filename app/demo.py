@@ -260,6 +260,8 @@ def step_findings(received: dict[str, list[Path]]) -> None:
     ]  # noqa: E501
     if not srs:
         raise DemoError("no Comprehensive 3D SR among the received results")
+    from operators.concepts import PROBABILITY, THRESHOLD
+
     for path in srs:
         sr = hd.sr.srread(path)
         table = Table(
@@ -269,15 +271,16 @@ def step_findings(received: dict[str, list[Path]]) -> None:
         for col in ("finding", "probability", "threshold", "decision"):
             table.add_column(col, justify="right" if col in ("probability", "threshold") else "left")
         for g in sr.content.get_image_measurement_groups():
-            values = {}
-            for m in g.get_measurements():
-                values[m.name.value] = m.value
-            decision = next((ev.value.meaning for ev in g.get_qualitative_evaluations()), "?")
+            values = {m.name.value: float(m.value) for m in g.get_measurements()}
+            evaluation = next(iter(g.get_qualitative_evaluations()), None)
+            decision = evaluation.value.meaning if evaluation is not None else "?"
             shown = f"[bold red]{decision}[/bold red]" if decision.lower() == "present" else decision
             table.add_row(
-                g.finding_type.meaning if g.finding_type else "?",
-                f"{values.get('PROB-FINDING', float('nan')):.3f}",
-                f"{values.get('PROB-THRESHOLD', float('nan')):.3f}",
+                evaluation.name.meaning
+                if evaluation is not None
+                else "?",  # absent findings have no Finding row
+                f"{values.get(PROBABILITY.value, float('nan')):.3f}",
+                f"{values.get(THRESHOLD.value, float('nan')):.3f}",
                 shown,
             )
         console.print(table)

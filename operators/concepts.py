@@ -52,13 +52,15 @@ HYPERCT_SCHEME = CodingScheme(
 
 # -- a finding: TID 1501 NUMs and the qualitative evaluation ---------------------------------------
 
-#: NUM concept of the model output. Private on purpose: DCM 122157 "Probability" exists but is in no
-#: context group and its definition was not verifiable offline; ours is defined in docs/results.md as
-#: "model probability (sigmoid of the task logit) that the finding is present; not calibrated".
-PROBABILITY = hd.sr.CodedConcept("PROB-FINDING", HYPERCT_SCHEME.designator, "Probability of finding")
-#: NUM concept of the operating threshold the decision used (decision: probability >= threshold).
+#: NUM concept of the model output: DCM 111012 "Certainty of Finding", the standard concept the CAD
+#: templates (TID 4104, 4127) give a machine's confidence in a finding. Ours is the model probability
+#: (sigmoid of the task logit) as a fraction 0..1 with UCUM "1" (not percent, so that the value reads
+#: back bit for bit equal to results.json); not calibrated (docs/results.md).
+PROBABILITY = hd.sr.CodedConcept.from_code(codes.DCM.CertaintyOfFinding)
+#: NUM concept of the operating threshold the decision used (decision: certainty >= threshold). No
+#: standard concept exists, so it is private (and repeated as a TID 4019 algorithm parameter).
 THRESHOLD = hd.sr.CodedConcept(
-    "PROB-THRESHOLD", HYPERCT_SCHEME.designator, "Decision threshold for probability of finding"
+    "PROB-THRESHOLD", HYPERCT_SCHEME.designator, "Decision threshold for certainty of finding"
 )
 #: Unit of both NUMs: UCUM "1" (a probability has no unit).
 NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
@@ -82,9 +84,10 @@ ARTIFICIAL_INTELLIGENCE = hd.sr.CodedConcept.from_code(codes.DCM.ArtificialIntel
 
 #: TID 1500 document title (CID 7021).
 IMAGING_MEASUREMENT_REPORT = hd.sr.CodedConcept.from_code(codes.cid7021.ImagingMeasurementReport)
-#: LOINC 24627-2 as TID 1500's Procedure Reported (extensible CID 100, meaning "CT Chest"). The same
-#: code titles the Basic Text SR, with the meaning CID 7000 gives it (:data:`CT_CHEST_REPORT`).
-CT_CHEST_PROCEDURE = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
+#: SCT 169069000 "Computed tomography of chest" as TID 1500's Procedure Reported (CID 100 is
+#: extensible): a procedure code, so that LOINC 24627-2 keeps the one meaning CID 7000 gives it, the
+#: title of the Basic Text SR (:data:`CT_CHEST_REPORT`).
+CT_CHEST_PROCEDURE = hd.sr.CodedConcept("169069000", "SCT", "Computed tomography of chest")
 #: LOINC 24627-2 "CT Chest Report", the Basic Text SR title (CID 7000 "Diagnostic Imaging Report
 #: Document Titles").
 CT_CHEST_REPORT = hd.sr.CodedConcept.from_code(codes.LN.CTChestReport)

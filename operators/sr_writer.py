@@ -4,7 +4,8 @@ Why this encoding (``docs/results.md``, peers.md §4): it is what IHE AI Results
 Evidence Creator, reporting systems can read it without re-dictation, and highdicom writes it natively.
 One TID 1501 measurement group per task carries the tracking identifier (text + UID, the UID shared with
 the task's SEG segment), the finding (the task's coded concept), the finding site, a coded
-present/absent qualitative evaluation, the probability and the operating threshold as NUMs (UCUM "1")
+present/absent qualitative evaluation (an absent finding has no Finding row), the certainty
+(DCM 111012, a probability in 0..1, UCUM "1") and the operating threshold as NUMs
 and TID 4019 algorithm identification with the manifest hash. The document lives in the source study,
 copies its patient/study attributes, references every source instance (evidence + image library) and
 says "research use only" in the series description and in the content.
@@ -73,12 +74,17 @@ def _algorithm(model: ModelInfo, task: TaskResult) -> hd.sr.AlgorithmIdentificat
         parameters=[
             f"manifest_sha256={model.manifest_sha256}",
             f"task={task.key}",
-            "decision=probability>=threshold",
+            f"decision_threshold={task.threshold:.6g}",
+            "decision=probability>=decision_threshold",
         ],
     )
 
 
 def _group(result: StudyResult, task: TaskResult) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 group. A present finding is named in the Finding row; an absent one is not: a
+    reader or findings index that keys on Finding (OHIF, the HL7 SR-to-FHIR mapping) takes that row
+    as an assertion, so an absent finding says so only in its qualitative evaluation
+    (<finding> = SCT Absent), beside the certainty that led to it."""
     concept = coded(task.concept)
     tracking = hd.sr.TrackingIdentifier(uid=task_tracking_uid(result, task), identifier=tracking_id(task))
     measurements = [
@@ -86,10 +92,14 @@ def _group(result: StudyResult, task: TaskResult) -> hd.sr.MeasurementsAndQualit
         hd.sr.Measurement(name=THRESHOLD, value=float(task.threshold), unit=NO_UNITS),
     ]
     evaluation = hd.sr.QualitativeEvaluation(name=concept, value=PRESENT if task.present else ABSENT)
-    sites = [hd.sr.FindingSite(coded(task.finding_site))] if task.finding_site is not None else None
+    sites = (
+        [hd.sr.FindingSite(coded(task.finding_site))]
+        if task.finding_site is not None and task.present
+        else None
+    )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        finding_type=concept,
+        finding_type=concept if task.present else None,
         finding_sites=sites,
         algorithm_id=_algorithm(result.model, task),
         measurements=measurements,

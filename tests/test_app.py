@@ -97,7 +97,7 @@ def test_sr_reads_back_exactly_what_results_json_says(processed: tuple[Path, Pat
             for leaf in getattr(sub, "ContentSequence", []):
                 if (
                     leaf.ValueType == "NUM"
-                    and "Probability of finding" in leaf.ConceptNameCodeSequence[0].CodeMeaning
+                    and leaf.ConceptNameCodeSequence[0].CodeValue == "111012"  # Certainty of Finding
                 ):
                     found[
                         sub.ContentSequence[0].TextValue

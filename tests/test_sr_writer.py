@@ -141,15 +141,27 @@ def test_probabilities_and_decisions_read_back_exactly(written: dict[str, Path],
         got_p[key] = raw.FloatingPointValue
         assert prob.value == raw.FloatingPointValue
         assert prob.unit.value == "1" and prob.unit.scheme_designator == "UCUM"
+        assert (prob.name.value, prob.name.scheme_designator) == ("111012", "DCM")  # Certainty of Finding
         assert thr.value == result.task(key).threshold
         (ev,) = g.get_qualitative_evaluations(name=hd.sr.CodedConcept(*_concept(result, key)))
         assert ev.value in (PRESENT, ABSENT)
         got_d[key] = "present" if ev.value == PRESENT else "absent"
-        assert g.finding_type.value == result.task(key).concept.value
+        if ev.value == PRESENT:
+            assert g.finding_type.value == result.task(key).concept.value
+        else:  # a reader keying on the Finding row must not list an absent finding
+            assert g.finding_type is None and not g.finding_sites
+        assert f"decision_threshold={result.task(key).threshold:.6g}" in _parameters(g)
     assert got_p == want_p  # exact float64 equality, every task
     assert got_d == want_d
     assert want_d["pleural_effusion"] == "present" and want_d["cardiomegaly"] == "present"  # p == threshold
     assert want_d["lung_nodule"] == "absent"
+
+
+def _parameters(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> list[str]:
+    """TID 4019 Algorithm Parameters (111002) of one measurement group."""
+    items = [i for top in group for i in (top, *_walk(top))]
+    return [i.TextValue for i in items if i.get("ValueType") == "TEXT"
+            and i.ConceptNameCodeSequence[0].CodeValue == "111002"]  # fmt: skip
 
 
 def _concept(result: StudyResult, key: str) -> tuple[str, str, str]:
@@ -157,13 +169,20 @@ def _concept(result: StudyResult, key: str) -> tuple[str, str, str]:
     return c.value, c.scheme_designator, c.meaning
 
 
-def test_finding_sites_tell_the_two_calcification_tasks_apart(written: dict[str, Path]) -> None:
+def test_finding_sites_tell_the_two_calcification_tasks_apart(series: CTSeries, tmp_path: Path) -> None:
+    both = study_result(
+        series, {"coronary_artery_wall_calcification": 0.9, "arterial_wall_calcification": 0.9},
+        keys=["coronary_artery_wall_calcification", "arterial_wall_calcification", "cardiomegaly"],
+    )  # fmt: skip
+    groups = _groups(write_sr(both, series.datasets, tmp_path))
     sites = {
         str(g.tracking_identifier): [s.value.value for s in g.finding_sites]
-        for g in _groups(written["sr"])
-        if g.finding_type.value == "237897009"
+        for g in groups
+        if g.finding_type is not None and g.finding_type.value == "237897009"
     }
     assert sorted(sites.values()) == [["41801008"], ["51114001"]]  # coronary artery, artery
+    (absent,) = [g for g in groups if g.finding_type is None]  # cardiomegaly at 0.1: no Finding, no site
+    assert not absent.finding_sites
 
 
 def test_algorithm_identification_names_model_and_manifest(
