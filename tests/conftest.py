@@ -105,6 +105,7 @@ RUN_FIRST = (
     "test_pretext",
     "test_batch_resume",
     "test_training",
+    "test_training_speed",
     "test_batch_archive",
 )
 

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 from training.backbone import FrozenBackbone, build_backbone, load_pretrained_backbone
 from training.cache import InputCache
 from training.config import RunConfig
-from training.data import BadData, ScanDataset, ScanRecord, collate
+from training.data import BadData, ScanDataset, ScanRecord, collate, epoch_seed
+from training.device import autocast, resolve_device, resolve_loader_workers
 from training.evaluate import evaluate_checkpoint
 from training.hypernet import MODULE_TYPES
 from training.lora import LoRAContext, inject_lora
@@ -45,13 +46,10 @@ from training.train import (
     PreparedData,
     _Progress,
     _write_rows,
-    autocast,
-    epoch_seed,
     make_optimizer,
     make_scheduler,
     mean_auroc,
     prepare_data,
-    resolve_device,
     seed_everything,
     write_predictions,
 )
@@ -164,6 +162,7 @@ def _fit(
     sched = make_scheduler(opt, cfg)
     best_value, best_state = -math.inf, None
     history: list[dict[str, Any]] = []
+    workers = resolve_loader_workers(cfg.data.loader_workers, resolve_device(cfg.device))
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -171,7 +170,7 @@ def _fit(
         train_ds.set_epoch(epoch)
         order = np.random.default_rng(epoch_seed(cfg.seed, epoch, 1)).permutation(len(train_ds)).tolist()
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=order, collate_fn=collate,
-                            num_workers=cfg.data.loader_workers)  # fmt: skip
+                            num_workers=workers)  # fmt: skip
         total, steps = 0.0, 0
         bar = _Progress(cfg.progress, len(loader), f"{label} {epoch + 1}/{cfg.epochs}")
         for batch in loader:

@@ -184,8 +184,26 @@ class DataConfig(_Section):
     skip_bad: bool = False
     #: Processes that read + preprocess volumes into the cache before training (0 = this process).
     workers: int = Field(default=0, ge=0)
-    #: DataLoader worker processes (0 = main process; cached reads are cheap, so 0 is usually best).
-    loader_workers: int = Field(default=0, ge=0)
+    #: DataLoader worker processes per training process: a number (0 = the main process), or ``auto``
+    #: = 0 on the CPU (the step uses every core) and on CUDA enough to build batches faster than the
+    #: card steps (``training.device.resolve_loader_workers``). The ratio is in ``metrics.csv``.
+    loader_workers: int | Literal["auto"] = "auto"
+    #: Batches each loader worker builds ahead (torch's ``prefetch_factor``; only with workers).
+    prefetch_factor: int = Field(default=2, ge=1)
+
+    @field_validator("loader_workers", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            count = int(str(value))
+        except ValueError:
+            count = -1
+        if count < 0:
+            raise ValueError(f"must be auto or an integer >= 0, got {value!r}")
+        return count
+
     #: Training only: each scan contributes a random subset of this many of its images per step
     #: (0 = all images, the paper). Validation, evaluation and serving always use every image; the
     #: masked mean pools any number of images, so this only makes a step cheaper (docs/training.md §8).
@@ -202,8 +220,11 @@ class RunConfig(_Section):
     eval_batch_size: int = Field(default=8, ge=1)
     #: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: ``fp32`` (as the code) or ``bf16`` (autocast; a deviation, spec O-17).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    #: ``auto`` = bf16 autocast on CUDA, fp32 on the CPU; ``fp32`` (as the released code, spec O-17)
+    #: or ``bf16`` (autocast: weights, optimiser and loss stay fp32) explicitly.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: TF32 tensor-core matmuls and cuDNN convolutions for fp32 work on CUDA (no effect on the CPU).
+    tf32: bool = True
     #: Torch CPU threads; 0 = torch's default.
     threads: int = 0
     #: Evaluate on validation every N epochs (best epoch = highest mean validation AUROC).

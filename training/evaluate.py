@@ -192,8 +192,9 @@ def evaluate_checkpoint(
     """Evaluate ``checkpoint`` on ``split`` of ``cfg``'s data (or on ``records``); write the report files."""
     import torch
 
+    from training.device import resolve_device, resolve_loader_workers
     from training.model import load_checkpoint
-    from training.train import make_cache, predict, read_predictions, resolve_device, write_predictions
+    from training.train import make_cache, predict, read_predictions, write_predictions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,8 +227,9 @@ def evaluate_checkpoint(
     if not evaluated:
         raise DataError(f"no scans to evaluate in split {split!r}")
     ds = ScanDataset(evaluated, pre, cache, skip_bad=cfg.data.skip_bad)
+    workers = resolve_loader_workers(cfg.data.loader_workers, device)
     scores = predict(model, ds, tasks, batch_size=cfg.eval_batch_size, device=device, precision=cfg.precision,
-                     workers=cfg.data.loader_workers, progress=cfg.progress)  # fmt: skip
+                     workers=workers, progress=cfg.progress)  # fmt: skip
     labels = ds.labels().astype(float)
 
     val_y = val_s = None

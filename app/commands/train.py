@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,7 +32,8 @@ logger = logging.getLogger(__name__)
 TRAIN_HELP = (
     "Train HyperCT (one valid task per scan per step, BCE, AdamW, cosine per epoch; best epoch by mean "
     "validation AUROC). Writes best.pt, last.pt, metrics.csv, config.yaml, splits.csv and the "
-    "validation predictions used for thresholds. See docs/training.md."
+    "validation predictions used for thresholds. Several GPUs: torchrun --nproc_per_node N -m app.cli "
+    "train RECIPE --out RUN. See docs/training.md."
 )
 EVALUATE_HELP = (
     "Evaluate a checkpoint on DATA (a run config/recipe YAML: its test split; or a DICOM folder with "
@@ -51,6 +53,7 @@ class Device(str, Enum):
 
 
 class Precision(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -76,10 +79,11 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Log to stderr; under torchrun only rank 0 logs progress (the others warnings and errors)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _fail(exc: BaseException) -> typer.Exit:
@@ -100,7 +104,10 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, metrics, config).")],
     set_: SetOpt = None,
     device: DeviceOpt = None,
-    precision: Annotated[Precision | None, typer.Option("--precision", help="fp32 or bf16 autocast.")] = None,
+    precision: Annotated[
+        Precision | None,
+        typer.Option("--precision", help="auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16."),
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Scans per step.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = None,
@@ -137,6 +144,8 @@ def train(
         result = run_train(cfg, out, resume=resume)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         raise _fail(exc) from None
+    if result.rank != 0:  # under torchrun rank 0 reports for all
+        return
     typer.echo(
         json.dumps(
             {

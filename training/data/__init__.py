@@ -19,7 +19,17 @@ from pathlib import Path
 
 from operators.preprocessing import PreprocessingConfig
 from training.config import DataConfig
-from training.data.dataset import Batch, Sample, ScanDataset, collate, prepare, sample_tasks
+from training.data.dataset import (
+    Batch,
+    EpochBatches,
+    Sample,
+    ScanDataset,
+    choose_tasks,
+    collate,
+    epoch_seed,
+    prepare,
+    sample_tasks,
+)
 from training.data.labels import MISSING, BadData, DataError, LabelRow, read_label_csv
 from training.data.records import DicomSeriesSource, ScanRecord, VolumeSource
 from training.data.splits import (
@@ -49,6 +59,7 @@ __all__ = [
     "Batch",
     "DataError",
     "DicomSeriesSource",
+    "EpochBatches",
     "LabelRow",
     "Sample",
     "ScanDataset",
@@ -58,8 +69,10 @@ __all__ = [
     "assign_splits",
     "build_records",
     "check_patient_disjoint",
+    "choose_tasks",
     "collate",
     "design_studies",
+    "epoch_seed",
     "prepare",
     "read_label_csv",
     "read_split_file",
