@@ -5,7 +5,7 @@
 3. a DCMTK ``storescp`` as the PACS that receives results;
 4. the node (``hyperct serve``, SQLite state + spool under the demo folder);
 5. ``storescu`` sends the study to the node; the node selects the series, runs HyperCT and sends
-   SR + SEG + text SR to ``storescp``;
+   SR + SEG + saliency Parametric Maps + text SR to ``storescp``;
 6. ``dciodvfy`` validates every received object;
 7. the findings, read back from the received SR.
 
@@ -44,6 +44,7 @@ NODE_AE, PACS_AE, SENDER_AE = "HYPERCT", "DEMOPACS", "DEMOSCU"
 QUIET_PERIOD_S = 3.0
 RESULT_TIMEOUT_S = 600.0
 LOOPBACK = "127.0.0.1"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 
 class DemoError(RuntimeError):
@@ -155,7 +156,7 @@ def node_config(out: Path, models: Path, port: int, pacs_port: int, health_port:
 
 
 def _received(folder: Path) -> dict[str, list[Path]]:
-    """Received files by Modality (SR, SEG), read from their headers."""
+    """Received files by Modality (SR, SEG, OT for the Parametric Maps), read from their headers."""
     import pydicom
 
     out: dict[str, list[Path]] = {}
@@ -217,7 +218,7 @@ def step_round_trip(out: Path, study: Path, models: Path) -> dict[str, list[Path
             console.print(f"sent {len(files)} instances in {time.monotonic() - t0:.1f} s")
             console.print(
                 f"waiting for results: quiet period {QUIET_PERIOD_S:g} s, then series selection, HyperCT, "
-                "SR + SEG + text SR, C-STORE back …"
+                "SR + SEG + Parametric Maps + text SR, C-STORE back …"
             )
             with console.status("processing"):
                 _wait("results at storescp", _settled(received), node, out / "node.log", RESULT_TIMEOUT_S)
@@ -289,8 +290,17 @@ def step_findings(received: dict[str, list[Path]]) -> None:
             ds = pydicom.dcmread(seg[0], stop_before_pixels=True)
             labels = ", ".join(str(s.SegmentLabel) for s in ds.SegmentSequence)
             console.print(
-                f"SEG: {len(ds.SegmentSequence)} attention segment(s): {labels} (AI attention maps, not lesion outlines)"
-            )  # noqa: E501
+                f"SEG: {len(ds.SegmentSequence)} focal attention segment(s): {labels} (not lesion outlines)"
+            )
+        maps = [
+            ds
+            for paths in received.values()
+            for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in paths)
+            if ds.SOPClassUID == PARAMETRIC_MAP
+        ]
+        if maps:
+            names = ", ".join(str(ds.SeriesDescription).split(" - ")[0] for ds in maps)
+            console.print(f"Parametric Maps: {len(maps)} ({names}; OHIF >= 3.9 and 3D Slicer overlay them)")
 
 
 def main(argv: list[str] | None = None) -> int:

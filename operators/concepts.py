@@ -38,6 +38,7 @@ __all__ = [
     "SALIENCY",
     "SPATIAL_AND_RELATIONAL_CONCEPT",
     "THRESHOLD",
+    "VISUAL_EXPLANATION",
     "coded",
     "coding_scheme_items",
 ]
@@ -70,15 +71,20 @@ NO_UNITS = hd.sr.CodedConcept.from_code(codes.UCUM.NoUnits)
 PRESENT = hd.sr.CodedConcept.from_code(codes.SCT.Present)
 ABSENT = hd.sr.CodedConcept.from_code(codes.SCT.Absent)
 
-# -- where the model looked: the SEG segments and the SR's TID 1411 groups that reference them --------
+# -- where the model looked: the SEG segments, the Parametric Maps and the SR items that reference them -
 
-#: DCM 130404 "Saliency" (CID 217 "Visual Explanation"): the SEG's Segmented Property Type (CID 7151 is
-#: extensible) and the finding type of the SR's TID 1411 groups. A region of attention, never a lesion.
+#: DCM 130404 "Saliency" (CID 217 "Visual Explanation"): the Parametric Maps' Quantity Definition, the
+#: SEG's Segmented Property Type (CID 7151 is extensible) and the finding type of the SR's TID 1411
+#: groups. Where the model looked, never a lesion.
 SALIENCY = hd.sr.CodedConcept.from_code(codes.DCM.Saliency)
 #: SCT 309825002, the SEG's Segmented Property Category (CID 7150 "Segmentation Property Categories").
 SPATIAL_AND_RELATIONAL_CONCEPT = hd.sr.CodedConcept.from_code(codes.SCT.SpatialAndRelationalConcept)
 #: DCM 123110, Algorithm Family of the SEG's segment algorithm identification (CID 7162).
 ARTIFICIAL_INTELLIGENCE = hd.sr.CodedConcept.from_code(codes.DCM.ArtificialIntelligence)
+#: DCM 130401 "Visual explanation": concept name of the IMAGE item by which a finding's TID 1501 group
+#: references that finding's Parametric Map (the row TID 1410/1411 define for a visual explanation of
+#: a finding; docs/results.md §3 says why we put it in TID 1501). In no CID: a concept name only.
+VISUAL_EXPLANATION = hd.sr.CodedConcept.from_code(codes.DCM.VisualExplanation)
 
 # -- the documents: titles, procedure, observer, statements -----------------------------------------
 

@@ -1,13 +1,13 @@
 """What every DICOM object the node writes shares: the series and equipment keywords, the research-use
 labels, the device observer, the tracking identifiers, and how the file is saved.
 
-The TID 1500 SR (``sr_writer``), the attention SEG (``seg_writer``) and the Basic Text SR
-(``text_report``) pass :func:`output_keywords` to their highdicom constructor and then
-:meth:`~operators.uids.Equipment.apply`, so the three agree on who made them (Manufacturer, model,
-Device UID: what :func:`~operators.uids.is_own_output` recognises), on their deterministic series and
-instance UIDs, and on saying "research use only". The patient and study attributes are not here:
-highdicom copies them from the source instances, which :func:`~operators.results.source_headers`
-vets and completes (Type 2) for every writer.
+The TID 1500 SR (``sr_writer``), the attention SEG (``seg_writer``), the saliency Parametric Maps
+(``pmap_writer``) and the Basic Text SR (``text_report``) pass :func:`output_keywords` to their
+highdicom constructor and then :meth:`~operators.uids.Equipment.apply`, so they all agree on who
+made them (Manufacturer, model, Device UID: what :func:`~operators.uids.is_own_output` recognises),
+on their deterministic series and instance UIDs, and on saying "research use only". The patient and
+study attributes are not here: highdicom copies them from the source instances, which
+:func:`~operators.results.source_headers` vets and completes (Type 2) for every writer.
 """
 
 from __future__ import annotations
@@ -51,7 +51,12 @@ RESEARCH_USE_STATEMENT = (
 )
 SYNTHETIC_STATEMENT = "Synthetic demo model: trained on synthetic data only. Not for clinical use."
 #: What each output kind's Series Description names, before its research-use label.
-_SERIES_SUBJECTS = {"sr": "AI findings", "seg": "AI attention maps", "text-sr": "AI findings (text)"}
+_SERIES_SUBJECTS = {
+    "sr": "AI findings",
+    "seg": "AI attention maps",
+    "text-sr": "AI findings (text)",
+    "pmap": "saliency",
+}
 
 
 class _SRDocumentFlags(TypedDict):
@@ -88,11 +93,17 @@ def research_statements(model: ModelInfo) -> list[str]:
     return [RESEARCH_USE_STATEMENT, *([SYNTHETIC_STATEMENT] if model.synthetic else [])]
 
 
-def series_description(kind: str, model: ModelInfo) -> str:
-    """Series Description of the ``kind`` output ("sr", "seg", "text-sr"): what it holds and the
-    research-use (and synthetic) label, within LO's 64 characters."""
+def series_description(kind: str, model: ModelInfo, finding: str | None = None) -> str:
+    """Series Description of the ``kind`` output ("sr", "seg", "text-sr", "pmap"): what it holds and
+    the research-use (and synthetic) label, within LO's 64 characters. ``finding`` (a per-finding
+    series) is named after the subject, shortened so that the label always survives whole: a
+    viewer's series list is where a reader sees which map is which."""
     label = "SYNTHETIC DEMO - RESEARCH ONLY" if model.synthetic else "RESEARCH USE ONLY"
-    return f"HyperCT {_SERIES_SUBJECTS[kind]} - {label}"
+    subject = f"HyperCT {_SERIES_SUBJECTS[kind]}"
+    if finding:
+        room = 64 - len(subject) - len(label) - len(": ") - len(" - ")
+        subject += f": {finding[:room].rstrip()}"
+    return f"{subject} - {label}"
 
 
 def model_identity(model: ModelInfo) -> str:
@@ -121,14 +132,22 @@ def output_keywords(
     *,
     contribution: str,
     used_designators: set[str] | None = None,
+    task: TaskResult | None = None,
 ) -> OutputKeywords:
     """The keyword arguments every highdicom constructor of an output takes from the node: the
     deterministic series / instance UIDs and series number of ``kind``, the General Equipment
     attributes, the series description, the node's Contributing Equipment item (its Contribution
     Description is ``contribution``) and the declarations of the private coding schemes in
-    ``used_designators`` (see :func:`~operators.concepts.coding_scheme_items`)."""
+    ``used_designators`` (see :func:`~operators.concepts.coding_scheme_items`). ``task`` makes it
+    the object of one finding (a Parametric Map): its own series, named after the finding."""
     model = result.model
-    uids = output_uids(result.study_instance_uid, result.series_instance_uid, model.manifest_sha256, kind)
+    uids = output_uids(
+        result.study_instance_uid,
+        result.series_instance_uid,
+        model.manifest_sha256,
+        kind,
+        task.key if task is not None else None,
+    )
     return OutputKeywords(
         series_instance_uid=uids.series_instance_uid,
         series_number=SERIES_NUMBERS[kind],
@@ -140,7 +159,7 @@ def output_keywords(
         device_serial_number=equipment.device_serial_number,
         institution_name=equipment.institution_name,
         institutional_department_name=equipment.institutional_department_name,
-        series_description=series_description(kind, model),
+        series_description=series_description(kind, model, task.name if task is not None else None),
         contributing_equipment=[equipment.contributing_equipment(contribution)],
         coding_schemes=coding_scheme_items(model, used_designators or set()) or None,
     )

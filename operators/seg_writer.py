@@ -1,11 +1,13 @@
 """Where the model looked: a DICOM Segmentation of the attention maps of the positive findings.
 
 What it is, and is not (``docs/results.md``): one segment per task that is *present* and allows
-saliency (never the echo-derived cardiac tasks), made by thresholding that task's attention map on
-the source geometry. It is an AI explanation aid, coded as such: category SCT "Spatial and Relational
-Concept", type DCM 130404 "Saliency" (CID 217 "Visual Explanation"), label "Attention: <finding>",
-the finding and "not a lesion outline" in the Segment Description, the finding site as the anatomic
-region. It never claims to outline the lesion.
+saliency (never the echo-derived cardiac tasks), a region of that task's attention map on the source
+geometry: the focal region, or the relative one (``operators.attention_region``). The map itself,
+unthresholded, is the Parametric Map (``pmap_writer``). It is an AI explanation aid, coded as such:
+category SCT "Spatial and Relational Concept", type DCM 130404 "Saliency" (CID 217 "Visual
+Explanation"), label "Attention: <finding>", the finding, the region rule and "not a lesion outline"
+in the Segment Description, the finding site as the anatomic region. It never claims to outline the
+lesion.
 
 BINARY by default (OHIF and 3D Slicer show it), FRACTIONAL (PROBABILITY, 8 bit) on request; empty
 frames omitted; ``None`` when no segment would be written (highdicom refuses zero segments, and an
@@ -23,9 +25,9 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from operators.attention_region import Body, attention_mask, focal_mask
 from operators.concepts import ARTIFICIAL_INTELLIGENCE, SALIENCY, SPATIAL_AND_RELATIONAL_CONCEPT, coded
 from operators.dicom_output import (
     model_identity,
@@ -35,8 +37,9 @@ from operators.dicom_output import (
     task_tracking_uid,
     tracking_id,
 )
-from operators.multiframe import frame_headers
+from operators.placement import placement
 from operators.results import Concept, StudyResult, TaskResult, source_headers
+from operators.settings import FocalRegion
 from operators.uids import NODE_MANUFACTURER, Equipment
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "SegmentPlan",
-    "attention_mask",
     "estimated_bytes",
     "fit_budget",
     "build_seg",
@@ -75,28 +77,33 @@ class SegmentPlan:
 
     task: TaskResult
     values: np.ndarray  # bool (BINARY) or float32 in [0, 1] (FRACTIONAL), source slice order
-    threshold: float
+    region: str  # how the region was made, as the segment's description and parameters say it
 
 
-def attention_mask(attention: np.ndarray, relative_threshold: float) -> np.ndarray:
-    """Voxels whose attention is at least ``relative_threshold`` x the map's maximum (bool).
-
-    Relative, because attention maps are not calibrated across studies or tasks; an all-zero (or
-    negative) map has no attention and gives an empty mask.
-    """
-    if not 0.0 < relative_threshold <= 1.0:
-        raise ValueError(f"saliency threshold must be in (0, 1], got {relative_threshold!r}")
-    peak = float(np.max(attention)) if attention.size else 0.0
-    if not peak > 0.0:
-        return np.zeros(attention.shape, dtype=bool)
-    return np.asarray(attention >= relative_threshold * peak)
+def _focal_rule(threshold: float, rule: FocalRegion, volume_ml: float) -> str:
+    return (
+        f"focal, {volume_ml:.1f} mL: inside the body (tissue above {rule.body_threshold_hu:g} HU, lungs "
+        f"included) and attention >= {threshold:g} x max(attention), the top {rule.top_percent:g} % of "
+        f"body voxels by attention, at most {rule.max_volume_ml:g} mL, the {rule.components} largest "
+        "connected component(s)"
+    )
 
 
-def plan_segments(result: StudyResult, *, segmentation_type: str = "BINARY") -> list[SegmentPlan]:
+def plan_segments(
+    result: StudyResult,
+    *,
+    segmentation_type: str = "BINARY",
+    focal: FocalRegion | None = None,
+    body: Body | None = None,
+) -> list[SegmentPlan]:
     """The segments a SEG would hold, in task order: present, saliency allowed, a map given, and a
-    non-empty thresholded region. Skips are logged with the reason (task keys only)."""
+    non-empty region. The region is the relative one (``attention_region.attention_mask``) unless
+    ``focal`` is given, which needs the study's ``body`` (``attention_region.focal_mask``). Skips
+    are logged with the reason (task keys only)."""
     if segmentation_type not in SEGMENTATION_TYPES:
         raise ValueError(f"segmentation_type must be one of {SEGMENTATION_TYPES}, got {segmentation_type!r}")
+    if focal is not None and body is None:
+        raise ValueError("the focal region needs the study's body (attention_region.Body.of(volume))")
     plans = []
     for t in result.tasks:
         if not t.present:
@@ -110,16 +117,23 @@ def plan_segments(result: StudyResult, *, segmentation_type: str = "BINARY") -> 
         thr = t.effective_saliency_threshold
         if thr <= 0.0:
             raise ValueError(f"TaskResult({t.key!r}).saliency_threshold must be > 0 for a segment, got {thr}")
-        mask = attention_mask(t.attention, thr)
+        if focal is None or body is None:
+            mask = attention_mask(t.attention, thr)
+            region = f"attention >= {thr:g} x max(attention)"
+        else:
+            mask = focal_mask(t.attention, thr, body, focal)
+            region = _focal_rule(thr, focal, np.count_nonzero(mask) * body.voxel_ml)
         if not mask.any():
-            logger.warning("no segment for %s: attention map is empty after thresholding", t.key)
+            logger.warning(
+                "no segment for %s: its %s region is empty", t.key, "relative" if focal is None else "focal"
+            )
             continue
         if segmentation_type == "BINARY":
             values: np.ndarray = mask
         else:
             peak = float(np.max(t.attention))
             values = np.where(mask, np.clip(t.attention / peak, 0.0, 1.0), 0.0).astype(np.float32)
-        plans.append(SegmentPlan(task=t, values=values, threshold=thr))
+        plans.append(SegmentPlan(task=t, values=values, region=region))
     return plans
 
 
@@ -169,7 +183,7 @@ def _description(
     result: StudyResult, number: int, plan: SegmentPlan, fractional: bool
 ) -> hd.seg.SegmentDescription:
     t, model = plan.task, result.model
-    rule = f"attention >= {plan.threshold:g} x max(attention)"
+    rule = plan.region
     params = {
         "manifest_sha256": model.manifest_sha256,
         "task": t.key,
@@ -202,63 +216,6 @@ def _description(
     return desc
 
 
-@dataclass(frozen=True, eq=False)
-class _Placement:
-    """How the SEG's planes meet the source: which slices become planes, in what order, and what
-    highdicom is told about the source images."""
-
-    slices: np.ndarray  # slice indices (StudyResult order) of the planes, in plane order
-    source_images: list[Dataset]
-    further_source_images: list[Dataset] | None = None
-    plane_positions: list[hd.PlanePositionSequence] | None = None
-
-
-def _placement(result: StudyResult, sources: list[Dataset], keep: np.ndarray) -> _Placement:
-    """Single-frame series: one source image per plane (highdicom references each). One multi-frame
-    instance: every frame in frame order (highdicom drops the empty ones and references each plane's
-    frame by ReferencedFrameNumber). Several multi-frame instances: highdicom takes one multi-frame
-    source only, so the others join as further source images (referenced in the series) and planes
-    are placed by their positions, without per-frame derivation references.
-    """
-    if result.frame_numbers is None:
-        return _Placement(keep, [sources[i] for i in keep])
-    sources = [_shared_geometry(ds) for ds in sources]
-    if len(sources) == 1:
-        return _Placement(np.argsort(result.frame_numbers, kind="stable"), sources)
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
-    frames = {uid: frame_headers(ds, f"source SOP {uid}") for uid, ds in by_uid.items()}
-    positions = [
-        hd.PlanePositionSequence(
-            hd.CoordinateSystemNames.PATIENT,
-            frames[result.sop_instance_uids[k]][result.frame_numbers[k] - 1].ImagePositionPatient,
-        )
-        for k in keep
-    ]
-    return _Placement(keep, sources[:1], sources[1:], positions)
-
-
-#: What highdicom reads from a multi-frame source's Shared Functional Groups only.
-_SHARED_BY_HIGHDICOM = ("PlaneOrientationSequence", "PixelMeasuresSequence")
-
-
-def _shared_geometry(header: Dataset) -> Dataset:
-    """``header`` (a pixel-free copy: ``results.source_headers``) with frame 1's orientation and pixel
-    measures in its Shared Functional Groups when the source repeats them per frame, which is legal
-    (and uniform: the volume reader checked) but which highdicom does not read."""
-    shared = (header.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
-    missing = [g for g in _SHARED_BY_HIGHDICOM if g not in shared]
-    if not missing:
-        return header
-    item = Dataset()
-    item.update(shared)
-    first = header.PerFrameFunctionalGroupsSequence[0]
-    for group in missing:
-        item[group] = first[group]
-    # A new element, not an assignment to the value the header shares with the source dataset.
-    header["SharedFunctionalGroupsSequence"] = DataElement("SharedFunctionalGroupsSequence", "SQ", [item])
-    return header
-
-
 def build_seg(
     result: StudyResult,
     source_datasets: Sequence[Dataset],
@@ -267,6 +224,8 @@ def build_seg(
     omit_empty_frames: bool = True,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     equipment: Equipment | None = None,
+    focal: FocalRegion | None = None,
+    body: Body | None = None,
 ) -> hd.seg.Segmentation | None:
     """The attention-map SEG for ``result``, or None when no finding gets a segment.
 
@@ -279,10 +238,12 @@ def build_seg(
             only those source slices are then referenced per frame).
         max_bytes: size budget (estimated before encoding, see :func:`fit_budget`); None: no limit.
         equipment: site-specific equipment attributes.
+        focal: the focal rule (``app.yaml`` ``outputs.focal``); None: the relative region.
+        body: the study's body (``attention_region.Body.of(volume)``), needed by ``focal``.
     """
     equipment = equipment or Equipment()
     plans = fit_budget(
-        plan_segments(result, segmentation_type=segmentation_type),
+        plan_segments(result, segmentation_type=segmentation_type, focal=focal, body=body),
         max_bytes,
         omit_empty_frames=omit_empty_frames,
     )
@@ -308,17 +269,17 @@ def build_seg(
         keep = np.flatnonzero(used)
     else:
         keep = np.arange(n)
-    placement = _placement(result, sources, keep)
-    pixels = np.stack([p.values[placement.slices] for p in plans], axis=-1)  # [frames, rows, cols, segments]
+    planes = placement(result, sources, keep)
+    pixels = np.stack([p.values[planes.slices] for p in plans], axis=-1)  # [frames, rows, cols, segments]
     if not fractional:
         pixels = pixels.astype(np.uint8)
     used_designators = {
         c.scheme_designator for p in plans for c in (p.task.concept, p.task.finding_site) if c is not None
     }
     seg = hd.seg.Segmentation(
-        source_images=placement.source_images,
-        further_source_images=placement.further_source_images,
-        plane_positions=placement.plane_positions,
+        source_images=planes.source_images,
+        further_source_images=planes.further_source_images,
+        plane_positions=planes.plane_positions,
         pixel_array=pixels,
         segmentation_type=segmentation_type,
         segment_descriptions=[_description(result, n + 1, p, fractional) for n, p in enumerate(plans)],

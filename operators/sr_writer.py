@@ -6,7 +6,8 @@ One TID 1501 measurement group per task carries the tracking identifier (text + 
 the task's SEG segment), the finding (the task's coded concept), the finding site, a coded
 present/absent qualitative evaluation (an absent finding has no Finding row), the certainty
 (DCM 111012, a probability in 0..1, UCUM "1") and the operating threshold as NUMs
-and TID 4019 algorithm identification with the manifest hash. The document lives in the source study,
+and TID 4019 algorithm identification with the manifest hash, and, when the finding has a Parametric
+Map, an IMAGE reference to it (DCM 130401 "Visual explanation"). The document lives in the source study,
 copies its patient/study attributes, references every source instance (evidence + image library) and
 says "research use only" in the series description and in the content.
 
@@ -35,6 +36,7 @@ from operators.concepts import (
     QUALITATIVE_EVALUATIONS,
     SALIENCY,
     THRESHOLD,
+    VISUAL_EXPLANATION,
     coded,
 )
 from operators.dicom_output import (
@@ -49,7 +51,7 @@ from operators.dicom_output import (
 )
 from operators.multiframe import summary_header
 from operators.results import ModelInfo, StudyResult, TaskResult, source_headers
-from operators.uids import Equipment
+from operators.uids import Equipment, output_uids
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +82,14 @@ def _algorithm(model: ModelInfo, task: TaskResult) -> hd.sr.AlgorithmIdentificat
     )
 
 
-def _group(result: StudyResult, task: TaskResult) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _group(
+    result: StudyResult, task: TaskResult, explanation: Dataset | None
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """One TID 1501 group. A present finding is named in the Finding row; an absent one is not: a
     reader or findings index that keys on Finding (OHIF, the HL7 SR-to-FHIR mapping) takes that row
     as an assertion, so an absent finding says so only in its qualitative evaluation
-    (<finding> = SCT Absent), beside the certainty that led to it."""
+    (<finding> = SCT Absent), beside the certainty that led to it. ``explanation``, the finding's
+    Parametric Map, is referenced as IMAGE (DCM 130401 "Visual explanation")."""
     concept = coded(task.concept)
     tracking = hd.sr.TrackingIdentifier(uid=task_tracking_uid(result, task), identifier=tracking_id(task))
     measurements = [
@@ -97,7 +102,7 @@ def _group(result: StudyResult, task: TaskResult) -> hd.sr.MeasurementsAndQualit
         if task.finding_site is not None and task.present
         else None
     )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=concept if task.present else None,
         finding_sites=sites,
@@ -105,6 +110,38 @@ def _group(result: StudyResult, task: TaskResult) -> hd.sr.MeasurementsAndQualit
         measurements=measurements,
         qualitative_evaluations=[evaluation],
     )
+    if explanation is not None:
+        group[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=VISUAL_EXPLANATION,
+                referenced_sop_class_uid=explanation.SOPClassUID,
+                referenced_sop_instance_uid=explanation.SOPInstanceUID,
+                relationship_type=_CONTAINS,
+            )
+        )
+    return group
+
+
+def _explanations(result: StudyResult, parametric_maps: Sequence[Dataset]) -> dict[str, Dataset]:
+    """Task key -> that finding's Parametric Map, recognised by its deterministic SOP Instance UID
+    (``uids.output_uids(..., "pmap", task key)``); a map of another result is refused."""
+    expected = {
+        output_uids(
+            result.study_instance_uid,
+            result.series_instance_uid,
+            result.model.manifest_sha256,
+            "pmap",
+            t.key,
+        ).sop_instance_uid: t.key
+        for t in result.tasks
+    }
+    found = {}
+    for pm in parametric_maps:
+        key = expected.get(str(pm.SOPInstanceUID))
+        if key is None:
+            raise ValueError(f"parametric map {pm.SOPInstanceUID} is no task's map of this result")
+        found[key] = pm
+    return found
 
 
 def _attention_groups(
@@ -168,6 +205,7 @@ def build_sr(
     image_library: bool = True,
     per_image_position: bool = False,
     segmentation: Dataset | None = None,
+    parametric_maps: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 Comprehensive 3D SR for ``result``.
 
@@ -182,15 +220,19 @@ def build_sr(
             slice; 300 slices: +0.2 MB, +1.4 s).
         segmentation: the attention SEG written for the same result (``seg_writer.build_seg``); when
             given, each segment gets a TID 1411 group referencing it, and the SEG joins the evidence.
+        parametric_maps: the Parametric Maps written for the same result (headers suffice:
+            ``pmap_writer.WrittenMap.header``); each finding's group references its map, and the maps
+            join the evidence.
     """
     equipment = equipment or Equipment()
     sources = source_headers(result, source_datasets)
     model = result.model
+    explanations = _explanations(result, parametric_maps)
     report = hd.sr.MeasurementReport(
         observation_context=device_observer_context(equipment),
         procedure_reported=CT_CHEST_PROCEDURE,
         imaging_measurements=[
-            *(_group(result, t) for t in result.tasks),
+            *(_group(result, t, explanations.get(t.key)) for t in result.tasks),
             *(_attention_groups(result, segmentation) if segmentation is not None else ()),
         ],
         title=IMAGING_MEASUREMENT_REPORT,
@@ -201,7 +243,7 @@ def build_sr(
         root.insert(len(root) - 1, image_library_container(sources, per_image_position=per_image_position))
     root.append(_statements_container(model))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*sources, *([segmentation] if segmentation is not None else [])],
+        evidence=[*sources, *([segmentation] if segmentation is not None else []), *parametric_maps],
         content=report[0],
         **SR_DOCUMENT_FLAGS,
         **output_keywords(

@@ -17,15 +17,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from operators.attention_region import Body
 from operators.dicom_output import save
 from operators.model_runner import HyperCTRunner
+from operators.pmap_writer import write_pmaps
 from operators.preprocessing import PreprocessingConfig, model_map_to_source, preprocess
 from operators.results import ModelInfo, StudyResult, TaskResult
 from operators.seg_writer import build_seg
 from operators.series_selection import SelectionRules, select_series, summarize_series
 from operators.settings import WriterOptions
 from operators.sr_writer import build_sr
-from operators.study_case import Outcome, StudyCase
+from operators.study_case import Outcome, StudyCase, pmap_file_key
 from operators.text_report import build_text_sr
 from operators.volume import VolumeChecks, VolumeError, check_volume, load_dicom_series
 
@@ -87,8 +89,8 @@ def infer_case(case: StudyCase, runner: HyperCTRunner, model: ModelInfo) -> None
         out = outputs[entry.key]
         result = TaskResult.from_manifest(entry, out.logit, probability=out.probability)
         if result.present and result.saliency and out.attention is not None:
-            # Only positive findings get a SEG segment, and a full-resolution float map is ~300 MB:
-            # resample just those.
+            # Only positive findings get a map and a SEG segment, and a full-resolution float map
+            # is ~300 MB: resample just those.
             source_map = model_map_to_source(out.attention, case.model_input.transform, case.volume)
             result = replace(result, attention=source_map)
         tasks.append(result)
@@ -118,16 +120,42 @@ def study_folder(case: StudyCase) -> Path:
     return case.output_folder / case.study_instance_uid
 
 
+def _body(case: StudyCase, options: WriterOptions) -> Body | None:
+    """The study's body for the focal SEG region, computed only when it is the rule and a finding can
+    get a segment (it reads the whole volume once)."""
+    if options.seg_region != "focal":
+        return None
+    if not any(t.present and t.saliency and t.attention is not None for t in case.result.tasks):
+        return None
+    return Body.of(case.volume, options.focal.body_threshold_hu)
+
+
 def write_case_dicom(case: StudyCase, options: WriterOptions) -> None:
-    """Write the DICOM results of one processed study and record their paths in ``case.files``."""
+    """Write the DICOM results of one processed study and record their paths in ``case.files``: the
+    Parametric Maps and the SEG first, because the SR references them."""
     folder = study_folder(case)
     sources = case.series_datasets
+    maps = []
+    if options.parametric_map:
+        budget = options.parametric_map_max_mb
+        maps = write_pmaps(
+            case.result, sources, folder, max_bytes=None if budget is None else int(budget * 1_000_000)
+        )
+        for m in maps:
+            case.files[pmap_file_key(m.task_key)] = str(m.path.relative_to(case.output_folder))
     seg = None
     if options.seg:
-        seg = build_seg(case.result, sources, segmentation_type=options.segmentation_type)
+        body = _body(case, options)
+        seg = build_seg(
+            case.result,
+            sources,
+            segmentation_type=options.segmentation_type,
+            focal=options.focal if body is not None else None,
+            body=body,
+        )
         if seg is not None:
             case.files["seg"] = str(save(seg, folder, "SEG").relative_to(case.output_folder))
-    sr = build_sr(case.result, sources, segmentation=seg)
+    sr = build_sr(case.result, sources, segmentation=seg, parametric_maps=[m.header for m in maps])
     case.files["sr"] = str(save(sr, folder, "SR").relative_to(case.output_folder))
     if options.text_report:
         text = build_text_sr(case.result, sources)

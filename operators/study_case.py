@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -18,6 +18,21 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: Kinds of the DICOM result objects in :attr:`StudyCase.files` (what goes to a PACS); a per-finding
+#: object's key is ``<kind>:<task key>`` (one Parametric Map per positive finding).
+DICOM_FILE_KINDS = ("sr", "seg", "text_sr", "pmap")
+
+
+def pmap_file_key(task_key: str) -> str:
+    """The :attr:`StudyCase.files` key of one finding's Parametric Map."""
+    return f"pmap:{task_key}"
+
+
+def dicom_file_keys(files: Mapping[str, str]) -> list[str]:
+    """The keys of ``files`` (a case's or ``results.json``'s) that name DICOM result objects, in
+    order: every kind the writers produce, ``results.json`` and anything else left out."""
+    return [key for key in files if key.split(":", 1)[0] in DICOM_FILE_KINDS]
 
 
 class Outcome(str, Enum):
@@ -43,7 +58,7 @@ class StudyCase:
     volume: Any = None  # operators.volume.Volume
     model_input: Any = None  # operators.preprocessing.ModelInput
     result: Any = None  # operators.results.StudyResult
-    files: dict[str, str] = field(default_factory=dict)  # kind -> path relative to output_folder
+    files: dict[str, str] = field(default_factory=dict)  # kind[:task] -> path relative to output_folder
     outcome: Outcome = Outcome.PENDING
     reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)

@@ -69,10 +69,11 @@ NODE_DEVICE_SERIAL = "HYPERCT-NODE"
 _NAMESPACE = uuid.UUID("3ac1863e-5c4f-41c1-ba2b-62137ae10db3")
 #: Version of the UID derivation, part of every name; bump only on purpose (reruns would then duplicate).
 UID_SCHEME = "hyperct-node-uids-v1"
-#: Object kinds the node writes; each gets its own series.
-OUTPUT_KINDS = ("sr", "seg", "text-sr")
+#: Object kinds the node writes; each gets its own series ("pmap": one series per finding, see
+#: :func:`output_uids`).
+OUTPUT_KINDS = ("sr", "seg", "text-sr", "pmap")
 #: Fixed Series Numbers per kind, so the result series sort together and the same on every rerun.
-SERIES_NUMBERS = {"sr": 9801, "seg": 9802, "text-sr": 9803}
+SERIES_NUMBERS = {"sr": 9801, "seg": 9802, "text-sr": 9803, "pmap": 9804}
 _DEVICE_OBSERVER_UID = ("121012", "DCM")
 
 
@@ -151,14 +152,26 @@ def _check(study_instance_uid: str, series_instance_uid: str, manifest_sha256: s
 
 
 def output_uids(
-    study_instance_uid: str, series_instance_uid: str, manifest_sha256: str, kind: str
+    study_instance_uid: str,
+    series_instance_uid: str,
+    manifest_sha256: str,
+    kind: str,
+    task_key: str | None = None,
 ) -> OutputUIDs:
-    """Series and SOP Instance UID of the ``kind`` object ("sr", "seg", "text-sr") for this study,
-    selected series and model build. Same inputs, same UIDs."""
+    """Series and SOP Instance UID of the ``kind`` object ("sr", "seg", "text-sr", "pmap") for this
+    study, selected series and model build. Same inputs, same UIDs.
+
+    ``task_key`` names the finding of a per-finding object (a Parametric Map): each gets a series of
+    its own, because OHIF (``cornerstone-dicom-pmap``) makes one display set per series from its
+    first instance only."""
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"unknown output kind {kind!r}; must be one of {OUTPUT_KINDS}")
     _check(study_instance_uid, series_instance_uid, manifest_sha256)
-    key = (study_instance_uid, series_instance_uid, manifest_sha256.lower(), kind)
+    if task_key == "":
+        raise ValueError("task_key is empty; per-finding output UIDs are derived from it")
+    key: tuple[str, ...] = (study_instance_uid, series_instance_uid, manifest_sha256.lower(), kind)
+    if task_key is not None:
+        key += (task_key,)
     return OutputUIDs(
         series_instance_uid=name_based_uid(*key, "series"),
         sop_instance_uid=name_based_uid(*key, "instance"),

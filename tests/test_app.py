@@ -77,7 +77,7 @@ def test_selects_thin_non_contrast_axial_among_distractors(processed: tuple[Path
 def test_outputs_pass_dciodvfy(processed: tuple[Path, Path]) -> None:
     _, out = processed
     files = sorted(out.glob("*/*.dcm"))
-    assert {f.name.split("_")[0] for f in files} == {"SR", "SEG", "TXT"}
+    assert {f.name.split("_")[0] for f in files} == {"SR", "SEG", "TXT", "PM"}
     for f in files:
         errors, warnings = dciodvfy(f)
         assert not errors, f"{f.name}: {errors}"
@@ -130,6 +130,59 @@ def test_seg_carries_source_identity_and_lines_up(processed: tuple[Path, Path]) 
         )
 
 
+def test_each_positive_finding_gets_a_parametric_map_referenced_from_the_sr(
+    processed: tuple[Path, Path],
+) -> None:
+    """The default outputs (app.yaml): one Parametric Map per positive image finding, named in
+    results.json, on the source series and frame of reference, referenced from that finding's TID
+    1501 group (DCM 130401 "Visual explanation")."""
+    study, out = processed
+    results = _results(out)
+    positives = {t["key"] for t in results["tasks"] if t["decision"] == "present" and t["saliency"]}
+    files = results["outputs"]["files"]
+    assert positives and {k for k in files if k.startswith("pmap:")} == {f"pmap:{k}" for k in positives}
+    first = _primary(study)[0]
+    maps = {}
+    for key in positives:
+        pm = pydicom.dcmread(out / files[f"pmap:{key}"], stop_before_pixels=True)
+        assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+        assert pm.FrameOfReferenceUID == first.FrameOfReferenceUID
+        assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+        assert int(pm.NumberOfFrames) == len(results["sop_instance_uids"])
+        maps[key] = str(pm.SOPInstanceUID)
+    names = {f"HyperCT {t['name']}": t["key"] for t in results["tasks"]}
+    referenced = {}
+    for group in hd.sr.srread(_one(out, "SR")).content.get_image_measurement_groups():
+        for item in group[0].ContentSequence:
+            if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "130401":
+                uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                referenced[names[str(group.tracking_identifier)]] = uid
+    assert referenced == maps
+
+
+def test_seg_regions_are_focal_by_default(processed: tuple[Path, Path]) -> None:
+    """app.yaml's default focal rule: each segment at most 50 mL and one connected component (the
+    relative rule covered 747 mL of the demo study)."""
+    from scipy import ndimage
+
+    from operators.volume import load_dicom_series
+
+    study, out = processed
+    voxel_ml = float(np.prod(load_dicom_series(_primary(study)).spacing)) / 1000
+    slice_of = {uid: k for k, uid in enumerate(_results(out)["sop_instance_uids"])}
+    seg = pydicom.dcmread(_one(out, "SEG"))
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    masks: dict[int, np.ndarray] = {}
+    for frame, arr in zip(seg.PerFrameFunctionalGroupsSequence, pixels, strict=True):
+        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        k = slice_of[frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        masks.setdefault(number, np.zeros((len(slice_of), seg.Rows, seg.Columns), bool))[k] = arr.astype(bool)
+    for number, mask in masks.items():
+        assert 0 < mask.sum() * voxel_ml <= 50.0, number
+        assert ndimage.label(mask)[1] == 1, number
+    assert all("focal" in s.SegmentDescription for s in seg.SegmentSequence)
+
+
 @pytest.mark.parametrize("kind", ["legacy", "enhanced"])
 def test_multiframe_ct_gives_the_single_frame_findings(
     tmp_path: Path, model_dir: Path, processed: tuple[Path, Path], kind: str
@@ -166,7 +219,8 @@ def test_multiframe_ct_gives_the_single_frame_findings(
         for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
         for i in s.ReferencedSOPSequence
     }
-    assert evidence == {mf.SOPInstanceUID, seg.SOPInstanceUID}
+    maps = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.glob("*/PM_*.dcm")}
+    assert maps and evidence == {mf.SOPInstanceUID, seg.SOPInstanceUID} | maps
     for frame in seg.PerFrameFunctionalGroupsSequence:
         source = frame.DerivationImageSequence[0].SourceImageSequence[0]
         assert source.ReferencedSOPInstanceUID == mf.SOPInstanceUID

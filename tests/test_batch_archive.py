@@ -161,11 +161,13 @@ def test_each_sr_references_only_its_own_study(batch, studies) -> None:
             if s.StudyInstanceUID != uid
         ]
         assert not others
-        # The SR references the study's source instances and its own SEG, nothing of another study.
-        seg_uids = {
-            pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (out / uid).glob("SEG_*.dcm")
+        # The SR references the study's source instances, its own SEG and maps, nothing of another study.
+        own = {
+            pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+            for pattern in ("SEG_*.dcm", "PM_*.dcm")
+            for p in (out / uid).glob(pattern)
         }
-        assert refs - seg_uids <= source and refs & source
+        assert refs - own <= source and refs & source
 
 
 def test_two_patients_in_one_flat_folder_never_mix(
@@ -216,12 +218,13 @@ def test_multiframe_series_of_two_instances_gives_hyperct_runs_findings(
     (sr_path,) = (out / uid).glob("SR_*.dcm")
     (seg_path,) = (out / uid).glob("SEG_*.dcm")
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    maps = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (out / uid).glob("PM_*.dcm")}
     evidence = {
         i.ReferencedSOPInstanceUID
         for s in hd.sr.srread(sr_path).CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
         for i in s.ReferencedSOPSequence
     }
-    assert evidence == mf_uids | {seg.SOPInstanceUID}
+    assert maps and evidence == mf_uids | {seg.SOPInstanceUID} | maps
     assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == mf_uids
     for path in (out / uid).glob("*.dcm"):
         errors, _ = dciodvfy(path)

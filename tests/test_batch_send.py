@@ -16,6 +16,7 @@ from app.cli import cli
 from app.dimse.sender import RetryPolicy
 from app.node.store import InstanceRecord, NodeStore, OutboxStore
 from operators.model_runner import HyperCTRunner
+from operators.study_case import dicom_file_keys
 from tests.batch_fixtures import read_csv, study_dir, study_uid
 from tests.dicom_fixtures import dciodvfy
 from tests.peers import StoreSCP, free_port
@@ -38,11 +39,12 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _results(out: Path, uids: list[str]) -> dict[str, tuple[str, str]]:
-    """SOP Instance UID -> (study, file name) of every SR / SEG / text SR the run wrote."""
+    """SOP Instance UID -> (study, file name) of every DICOM result (SR, SEG, Parametric Maps, text
+    SR) the run wrote."""
     found = {}
     for uid in uids:
         files = json.loads((out / uid / "results.json").read_text())["outputs"]["files"]
-        for key in ("sr", "seg", "text_sr"):
+        for key in dicom_file_keys(files):
             path = out / files[key]
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             found[str(ds.SOPInstanceUID)] = (uid, path.name)
@@ -70,9 +72,11 @@ def test_each_study_results_arrive_once_and_valid(
         report = run_batch(cfg, runner=runner)
         assert report.outcomes == {"processed": 2}
         expected = _results(out, uids)
+        n = len(expected)
         kinds = Counter(name.split("_", 1)[0] for _, name in expected.values())
-        assert kinds == {"SR": 2, "SEG": 2, "TXT": 2}, expected  # SR, SEG, text SR of each study
-        assert report.sends == {"sent": 6}
+        assert kinds["SR"] == kinds["SEG"] == kinds["TXT"] == 2 and kinds["PM"] >= 2, expected
+        assert set(kinds) == {"SR", "SEG", "TXT", "PM"}  # and one map per positive finding
+        assert report.sends == {"sent": n}
         assert _received(scp) == Counter(set(expected))  # exactly these objects, each once
         for path in scp.files():
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -82,7 +86,7 @@ def test_each_study_results_arrive_once_and_valid(
         # A rerun with the same destination: nothing to process, nothing sent again.
         again = run_batch(cfg, runner=runner)
         assert again.already_done == 2 and not again.outcomes
-        assert again.sends == {"sent": 6}
+        assert again.sends == {"sent": n}
         assert _received(scp) == Counter(set(expected))
     sends = read_csv(out / "sends.csv")
     assert {(r["sop_instance_uid"], r["state"], r["destination"]) for r in sends} == {
@@ -94,7 +98,7 @@ def test_each_study_results_arrive_once_and_valid(
     assert not (out / "_batch" / "state.sqlite").exists()
     store = OutboxStore.open(out / "_batch" / "outbox.sqlite")
     try:
-        assert store.counts() == {"sent": 6}
+        assert store.counts() == {"sent": n}
         assert store.study_states() == {uid: "done" for uid in uids}
         tables = {r[0] for r in store.db.query("SELECT name FROM sqlite_master WHERE type='table'")}
         assert tables - {"sqlite_sequence"} == {"outbox"}
@@ -102,7 +106,7 @@ def test_each_study_results_arrive_once_and_valid(
         store.close()
     shown = CliRunner().invoke(cli, ["status", "--data-dir", str(out / "_batch")])
     assert shown.exit_code == 0, shown.output
-    assert "outbox: sent 6" in shown.output and "studies: done 2" in shown.output
+    assert f"outbox: sent {n}" in shown.output and "studies: done 2" in shown.output
 
 
 def test_destination_down_then_up_rerun_delivers_without_duplicates(
@@ -116,15 +120,16 @@ def test_destination_down_then_up_rerun_delivers_without_duplicates(
     down = CliRunner().invoke(cli, [*base, "-q", "--send-wait", "1"])
     assert down.exit_code == 1, down.output  # processed, but results not delivered
     rows = read_csv(out / "sends.csv")
-    assert len(rows) == 6 and {r["state"] for r in rows} == {"pending"}
+    n = len(_results(out, sorted(study_uid(next(p.iterdir())) for p in archive.iterdir())))
+    assert len(rows) == n and {r["state"] for r in rows} == {"pending"}
     assert all(int(r["attempts"]) >= 1 and r["last_error"] for r in rows)
     with StoreSCP(tmp_path / "pacs", port=port, ae_title="PACS", extra_args=("+uf",)) as scp:
         up = CliRunner().invoke(cli, [*base, "--send-wait", "60"])
         assert up.exit_code == 0, up.output
         assert "already in the ledger (skipped; --force to redo): 2" in up.output  # not recomputed
-        assert "sends: 6 delivered, 0 pending, 0 failed" in up.output
+        assert f"sends: {n} delivered, 0 pending, 0 failed" in up.output
         received = _received(scp)
-        assert sorted(received.values()) == [1] * 6
+        assert sorted(received.values()) == [1] * n
         assert set(received) == {r["sop_instance_uid"] for r in rows}
         third = CliRunner().invoke(cli, [*base, "-q"])
         assert third.exit_code == 0, third.output
@@ -146,9 +151,10 @@ def test_rejected_sends_are_listed_and_never_stop_the_batch(
         )
         assert scp.files() == []
     assert report.outcomes == {"processed": 2}
-    assert report.sends == {"failed": 6}
+    n = len(_results(out, sorted(study_uid(next(p.iterdir())) for p in archive.iterdir())))
+    assert report.sends == {"failed": n}
     errors = [e for e in read_csv(out / "errors.csv") if e["kind"] == "send"]
-    assert len(errors) == 6
+    assert len(errors) == n
     assert all(e["item"].startswith(dest + " ") and "failed after 1 attempt" in e["reason"] for e in errors)
     # A rerun against a working destination re-queues the failed sends (no recompute).
     with StoreSCP(tmp_path / "pacs2", extra_args=("+uf",)) as good:
@@ -159,8 +165,8 @@ def test_rejected_sends_are_listed_and_never_stop_the_batch(
         )
         assert report.already_done == 2
         # The old destination's rows are retried too (still refused), the new one gets everything.
-        assert report.sends == {"sent": 6, "failed": 6}
-        assert sorted(_received(good).values()) == [1] * 6
+        assert report.sends == {"sent": n, "failed": n}
+        assert sorted(_received(good).values()) == [1] * n
 
 
 def test_enqueue_results_keeps_delivered_rows_and_requeues_the_rest(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import yaml
 
 from app.config import REPO_APP_YAML, AppConfig
 from operators.series_selection import SelectionRules
+from operators.settings import FocalRegion, WriterOptions
 from operators.volume import VolumeChecks
 
 
@@ -25,6 +26,9 @@ def test_app_yaml_sections_equal_the_documented_defaults() -> None:
     assert cfg.series_selection == SelectionRules()
     assert cfg.volume_checks == VolumeChecks()
     assert cfg.outputs.segmentation_type == "BINARY" and cfg.outputs.text_report
+    assert cfg.outputs == WriterOptions()  # app.yaml says the defaults: maps + focal SEG for a site
+    assert cfg.outputs.parametric_map and cfg.outputs.seg and cfg.outputs.seg_region == "focal"
+    assert cfg.outputs.focal == FocalRegion(top_percent=0.5, max_volume_ml=50.0, components=1)
 
 
 @pytest.mark.parametrize(
@@ -33,6 +37,10 @@ def test_app_yaml_sections_equal_the_documented_defaults() -> None:
         ("serie-selection: {}\n", "unknown key 'serie-selection'"),
         ("series-selection:\n  min-slice: 10\n", "series-selection: unknown key 'min-slice'"),
         ("outputs:\n  segmentation-type: LABELMAP\n", "BINARY or FRACTIONAL"),
+        ("outputs:\n  seg-region: blob\n", "outputs.seg-region: must be focal or relative, got 'blob'"),
+        ("outputs:\n  focal:\n    max-volume-ml: 0\n", "outputs.focal.max-volume-ml: must be > 0, got 0"),
+        ("outputs:\n  focal:\n    top-pct: 1\n", "outputs.focal: unknown key 'top-pct' \\(known: top-percent"),
+        ("outputs:\n  parametric-map-max-mb: -1\n", "outputs.parametric-map-max-mb: must be > 0, got -1"),
         ("inference:\n  gpu: true\n", "inference: unknown key 'gpu'"),
         ("volume-checks:\n  lungs: 1\n", "volume-checks: unknown key 'lungs'"),
         ("inference:\n  device: tpu\n", "inference.device: must be auto, cpu or cuda, got 'tpu'"),

@@ -1,8 +1,10 @@
-"""A real reader reads our results back: dcmqi's ``tid1500reader`` (SR) and ``segimage2itkimage`` (SEG).
+"""A real reader reads our results back: dcmqi's ``tid1500reader`` (SR), ``segimage2itkimage`` (SEG)
+and ``paramap2itkimage`` (Parametric Maps).
 
 dcmqi (QIICR, the DICOM converters behind 3D Slicer's QuantitativeReporting) is a reader we do not
 write: what it decodes must equal ``results.json`` (findings, decisions, probabilities), an absent
-finding must not come back as a Finding, and the SEG's masks must land on the source CT's voxels.
+finding must not come back as a Finding, and the SEG's masks and the maps' values must land on the
+source CT's voxels.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from operators.attention_region import attention_mask
+from operators.pmap_writer import write_pmaps
 from operators.results import StudyResult
-from operators.seg_writer import attention_mask, write_seg
+from operators.seg_writer import write_seg
 from operators.sr_writer import write_sr
 from operators.uids import tracking_uid
 from operators.volume import load_nifti
@@ -115,3 +119,34 @@ def test_segimage2itkimage_puts_the_masks_on_the_source_voxels(
         i, j, k = np.rint(ijk).astype(int).T
         got[k, j, i] = True
         np.testing.assert_array_equal(got, expected)
+
+
+def test_paramap2itkimage_puts_each_map_on_the_source_voxels(
+    series: CTSeries, result: StudyResult, tmp_path: Path
+) -> None:
+    """Each finding's Parametric Map decodes to an image on the source CT's own grid whose values are
+    the attention map, and dcmqi reads the Saliency quantity with no units."""
+    maps = write_pmaps(result, series.datasets, tmp_path)
+    assert [m.task_key for m in maps] == ["cardiomegaly", "pleural_effusion"]
+    ct = series.volume
+    for m in maps:
+        out = tmp_path / m.task_key
+        out.mkdir()
+        run = subprocess.run(
+            [_tool("paramap2itkimage"), "--inputDICOM", str(m.path), "--outputDirectory", str(out), "-t", "nifti"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["QuantityValueCode"]["CodeValue"] == "130404"
+        assert meta["MeasurementUnitsCode"]["CodeValue"] == "1"
+        decoded = load_nifti(out / "pmap.nii.gz")
+        assert decoded.shape == ct.shape
+        kji = np.argwhere(np.ones(decoded.hu.shape, dtype=bool))
+        ijk = ct.lps_to_index(decoded.index_to_lps(kji[:, ::-1].astype(float)))
+        np.testing.assert_allclose(ijk, np.rint(ijk), atol=1e-3)  # every decoded voxel is a CT voxel
+        i, j, k = np.rint(ijk).astype(int).T
+        got = np.empty(ct.shape, dtype=np.float32)
+        got[k, j, i] = decoded.hu[kji[:, 0], kji[:, 1], kji[:, 2]]
+        attention = result.task(m.task_key).attention
+        np.testing.assert_allclose(got, attention, rtol=1e-6, atol=1e-7 * float(attention.max()))

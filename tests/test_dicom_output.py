@@ -1,5 +1,6 @@
-"""The SR, the SEG and the Basic Text SR share one keyword block: the same equipment, the same research
-labels, each its own fixed series, and the private scheme declared wherever one of its codes is used."""
+"""The SR, the SEG, the Parametric Maps and the Basic Text SR share one keyword block: the same
+equipment, the same research labels, each its own fixed series, and the private scheme declared
+wherever one of its codes is used."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import replace
 import pytest
 from pydicom.dataset import Dataset
 
-from operators.concepts import PROBABILITY, coded
+from operators.concepts import THRESHOLD, coded
 from operators.dicom_output import series_description
+from operators.pmap_writer import build_pmap
 from operators.results import StudyResult
 from operators.seg_writer import build_seg
 from operators.sr_writer import build_sr
@@ -43,10 +45,14 @@ def result(series: CTSeries) -> StudyResult:
 def _outputs(result: StudyResult, series: CTSeries) -> dict[str, Dataset]:
     seg = build_seg(result, series.datasets, equipment=EQUIPMENT)
     assert seg is not None
+    pmap = build_pmap(result, result.task("cardiomegaly"), series.datasets, equipment=EQUIPMENT)
     return {
-        "sr": build_sr(result, series.datasets, equipment=EQUIPMENT, segmentation=seg),
+        "sr": build_sr(
+            result, series.datasets, equipment=EQUIPMENT, segmentation=seg, parametric_maps=[pmap]
+        ),
         "seg": seg,
         "text-sr": build_text_sr(result, series.datasets, equipment=EQUIPMENT),
+        "pmap": pmap,
     }
 
 
@@ -57,27 +63,35 @@ def test_outputs_share_the_equipment_block(result: StudyResult, series: CTSeries
     assert outputs["sr"].DeviceUID == NODE_DEVICE_UID and outputs["sr"].StationName == "NODE1"
     for kind, ds in outputs.items():
         assert ds.SeriesNumber == SERIES_NUMBERS[kind]
-        assert ds.SeriesDescription == series_description(kind, result.model)
+        finding = "Cardiomegaly" if kind == "pmap" else None  # one series per finding's map
+        assert ds.SeriesDescription == series_description(kind, result.model, finding)
         (node,) = [i for i in ds.ContributingEquipmentSequence if i.Manufacturer == ds.Manufacturer]
         assert node.SoftwareVersions == "9.9.9" and node.InstitutionName == "Test Hospital"
         assert result.model.manifest_sha256 in node.ContributionDescription
-    assert len({ds.SeriesInstanceUID for ds in outputs.values()}) == 3
+    assert len({ds.SeriesInstanceUID for ds in outputs.values()}) == len(OUTPUT_KINDS)
 
 
 @pytest.mark.parametrize("synthetic", [True, False])
 def test_series_descriptions_carry_the_research_label_within_lo(synthetic: bool) -> None:
     model = model_info(synthetic=synthetic)
-    for kind in OUTPUT_KINDS:
-        text = series_description(kind, model)
+    longest = "Pulmonary hypertension (echo PASP)"  # the longest task name of tasks.json
+    for kind, finding in [
+        *((k, None) for k in OUTPUT_KINDS),
+        ("pmap", "Pleural effusion"),
+        ("pmap", longest),
+    ]:
+        text = series_description(kind, model, finding)
         assert len(text) <= 64, text
         assert text.endswith("SYNTHETIC DEMO - RESEARCH ONLY" if synthetic else "RESEARCH USE ONLY")
+        assert finding is None or f": {finding[:6]}" in text
 
 
 def test_private_scheme_declared_where_its_codes_are_used(result: StudyResult, series: CTSeries) -> None:
     outputs = _outputs(result, series)  # the SEG's one segment: cardiomegaly, SCT finding and site
     declared = [i.CodingSchemeDesignator for i in outputs["sr"].CodingSchemeIdentificationSequence]
-    assert declared == [PROBABILITY.scheme_designator]  # the SR's NUMs
+    assert declared == [THRESHOLD.scheme_designator]  # the SR's threshold NUM
     assert "CodingSchemeIdentificationSequence" not in outputs["seg"]
+    assert "CodingSchemeIdentificationSequence" not in outputs["pmap"]  # saliency, no finding code
     assert "CodingSchemeIdentificationSequence" not in outputs["text-sr"]  # text only, no private code
     private = study_result(series, {"peribronchial_thickening": 0.9}, keys=["peribronchial_thickening"])
     seg = build_seg(private, series.datasets)

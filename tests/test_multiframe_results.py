@@ -1,5 +1,6 @@
-"""SEG, SR and text SR on a multi-frame source (Legacy Converted / Enhanced CT): valid DICOM
-(dciodvfy), and referencing the multi-frame instances, each SEG frame by its source frame."""
+"""SEG, Parametric Map, SR and text SR on a multi-frame source (Legacy Converted / Enhanced CT):
+valid DICOM (dciodvfy), and referencing the multi-frame instances, each SEG and map frame by its
+source frame."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from operators.attention_region import attention_mask
 from operators.dicom_output import save
+from operators.pmap_writer import write_pmaps
 from operators.results import StudyResult
-from operators.seg_writer import attention_mask, build_seg
+from operators.seg_writer import build_seg
 from operators.sr_writer import build_sr
 from operators.text_report import build_text_sr
 from operators.volume import load_dicom_series
@@ -54,10 +57,14 @@ def case(
     out = tmp_path_factory.mktemp("mf")
     seg = build_seg(result, series.datasets)
     assert seg is not None
+    maps = write_pmaps(result, series.datasets, out)
+    assert [m.task_key for m in maps] == ["cardiomegaly", "pleural_effusion"]
+    sr = build_sr(result, series.datasets, segmentation=seg, parametric_maps=[m.header for m in maps])
     written = {
         "seg": save(seg, out, "SEG"),
-        "sr": save(build_sr(result, series.datasets, segmentation=seg), out, "SR"),
+        "sr": save(sr, out, "SR"),
         "text": save(build_text_sr(result, series.datasets), out, "TXT"),
+        **{f"pmap:{m.task_key}": m.path for m in maps},
     }
     return series, result, written
 
@@ -66,7 +73,7 @@ def _uids(series: CTSeries) -> set[str]:
     return {str(ds.SOPInstanceUID) for ds in series.datasets}
 
 
-@pytest.mark.parametrize("kind", ["seg", "sr", "text"])
+@pytest.mark.parametrize("kind", ["seg", "sr", "text", "pmap:cardiomegaly"])
 def test_outputs_pass_dciodvfy(case: tuple[CTSeries, StudyResult, dict[str, Path]], kind: str) -> None:
     errors, warnings = dciodvfy(case[2][kind])
     assert errors == []
@@ -114,6 +121,34 @@ def test_seg_frames_reference_their_source_frames(
         assert seen[number] == set(np.flatnonzero(mask.any(axis=(1, 2))).tolist())
 
 
+def test_parametric_map_frames_are_the_attention_of_their_source_frames(
+    case: tuple[CTSeries, StudyResult, dict[str, Path]],
+) -> None:
+    """Every slice is a frame (OHIF copies the frames into a volume of the source's size), at its
+    source frame's position, its values the attention of that slice."""
+    series, result, written = case
+    pm = pydicom.dcmread(written["pmap:cardiomegaly"])
+    attention = result.task("cardiomegaly").attention
+    assert int(pm.NumberOfFrames) == len(result.slice_sources) and pm.FrameOfReferenceUID == (
+        series.datasets[0].FrameOfReferenceUID
+    )
+    assert {
+        str(i.ReferencedSOPInstanceUID) for i in pm.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    } == (_uids(series))
+    slice_of = {pos: k for k, pos in enumerate(result.slice_sources)}
+    seen = set()
+    for f, fg in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        ipp = np.array([float(v) for v in fg.PlanePositionSequence[0].ImagePositionPatient])
+        k = int(round(series.volume.lps_to_index(ipp)[2]))
+        np.testing.assert_allclose(series.volume.index_to_lps([0, 0, k]), ipp, atol=1e-4)
+        if len(series.datasets) == 1:  # each frame names its source frame
+            ref = fg.DerivationImageSequence[0].SourceImageSequence[0]
+            assert slice_of[(str(ref.ReferencedSOPInstanceUID), int(ref.ReferencedFrameNumber))] == k
+        np.testing.assert_array_equal(pm.pixel_array[f], attention[k])
+        seen.add(k)
+    assert seen == set(range(len(result.slice_sources)))
+
+
 def _evidence(ds: Dataset) -> set[str]:
     return {
         str(i.ReferencedSOPInstanceUID)
@@ -128,7 +163,12 @@ def test_sr_evidence_and_image_library_are_the_multiframe_instances(
     series, _, written = case
     sr = hd.sr.srread(written["sr"])
     seg = pydicom.dcmread(written["seg"], stop_before_pixels=True)
-    assert _evidence(sr) == _uids(series) | {seg.SOPInstanceUID}
+    maps = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for k, p in written.items()
+        if k.startswith("pmap:")
+    }
+    assert _evidence(sr) == _uids(series) | {seg.SOPInstanceUID} | maps
     library = next(
         i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
     )

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.11"}
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+PMAP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,9 @@ def test_three_studies_at_once_to_storescp_each_result_its_own_patient(
             for study_uid, objects in by_study.items():
                 patient_id, sops = ids[study_uid]
                 classes = sorted(str(ds.SOPClassUID) for ds in objects)
-                own_results = {str(ds.SOPInstanceUID) for ds in objects}  # the SR also references its SEG
+                own_results = {str(ds.SOPInstanceUID) for ds in objects}  # the SR references SEG and maps
                 assert (
-                    set(classes) <= SR_CLASSES | {SEG_CLASS}
+                    set(classes) <= SR_CLASSES | {SEG_CLASS, PMAP_CLASS}
                     and classes.count("1.2.840.10008.5.1.4.1.1.88.34") == 1
                 )
                 for ds in objects:
@@ -107,7 +108,8 @@ def test_three_studies_at_once_to_storescp_each_result_its_own_patient(
                 errors, _ = dciodvfy(path)
                 assert errors == [], (path.name, errors)
 
-            # the PACS forwards our results back: stored, no new job
+            # the PACS forwards our results back (SR, SEG, text SR and the maps): stored, no new job
+            assert any(str(ds.SOPClassUID) == PMAP_CLASS for objects in by_study.values() for ds in objects)
             jobs_before = node.query("SELECT COUNT(*) AS n FROM jobs")[0]["n"]
             back = storescu(LOOPBACK, node.port, "HYPERCT", scp.files())
             assert back.returncode == 0, back.stderr
@@ -145,11 +147,12 @@ def test_enhanced_ct_study_gets_results_referencing_its_frames(tmp_path: Path, m
             wait_for(lambda: _all_done(node, 1), 240, "the Enhanced CT study done")
             (objects,) = _unique_results(scp).values()
     by_class = {str(ds.SOPClassUID): ds for ds in objects}
-    assert set(by_class) == SR_CLASSES | {SEG_CLASS}
+    assert set(by_class) == SR_CLASSES | {SEG_CLASS, PMAP_CLASS}
     seg = by_class[SEG_CLASS]
+    maps = {str(ds.SOPInstanceUID) for ds in objects if str(ds.SOPClassUID) == PMAP_CLASS}
     for ds in objects:
         assert mf.SOPInstanceUID in _referenced_uids(ds)
-        assert _referenced_uids(ds) <= {mf.SOPInstanceUID, seg.SOPInstanceUID}
+        assert _referenced_uids(ds) <= {mf.SOPInstanceUID, seg.SOPInstanceUID} | maps
     frames = {
         int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
         for f in seg.PerFrameFunctionalGroupsSequence

@@ -22,9 +22,10 @@ from app.node.inbox import Inbox
 from app.node.recovery import recover
 from app.node.spool import DurableFs, Spool
 from app.node.store import NODE_SCHEMA, Database, NodeStore
+from operators.pmap_writer import write_pmaps
 from operators.uids import NODE_DEVICE_CLASS_UID, NODE_DEVICE_UID, NODE_MANUFACTURER
 from operators.volume import load_dicom_series
-from tests.dicom_fixtures import ct_series, write_series
+from tests.dicom_fixtures import ct_series, study_result, write_series
 from tests.node_fixtures import SCU_AE, receiver, wait_for
 from tests.peers import LOOPBACK, require_binary, storescu
 
@@ -306,6 +307,23 @@ def test_own_results_and_foreign_sr_never_trigger(tmp_path: Path, series_dir: Pa
         study = {s["study_uid"]: s for s in state.studies.rows()}[str(ct.StudyInstanceUID)]
         assert study["state"] == "done" and study["generation"] == 1
         assert state.studies.complete_quiet(0.0, now=time.time() + 120) == []
+
+
+def test_our_parametric_maps_are_accepted_and_never_trigger(tmp_path: Path) -> None:
+    """A PACS forwarding our saliency Parametric Map back: the SCP accepts its SOP class (a refused
+    presentation context would fail the PACS's forward) and stores it as our own output, never as
+    the start of a job (the loop rule, next to the SR/SEG case above)."""
+    series = ct_series(n_slices=4, rows=16, cols=16, seed=7)
+    (written,) = write_pmaps(
+        study_result(series, {"cardiomegaly": 0.9}, keys=["cardiomegaly"]), series.datasets, tmp_path / "pm"
+    )
+    with receiver(tmp_path) as (rx, spool, state):
+        sent = _send(rx.port, [written.path])
+        assert sent.returncode == 0 and _successes(sent) == 1, sent.stdout + sent.stderr
+        (row,) = state.db.query("SELECT * FROM instances")
+        assert row["sop_uid"] == str(written.header.SOPInstanceUID)
+        assert row["own_output"] == 1 and row["triggers"] == 0
+        assert state.studies.complete_quiet(0.0, now=time.time() + 60) == []  # no job at all
 
 
 def test_conflicting_patient_id_quarantines_the_study(tmp_path: Path) -> None:

@@ -12,13 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 
+from operators.attention_region import attention_mask
 from operators.concepts import SALIENCY, SPATIAL_AND_RELATIONAL_CONCEPT
 from operators.dicom_output import save
 from operators.results import StudyResult
 from operators.seg_writer import (
     DEFAULT_MAX_BYTES,
     FRAME_OVERHEAD_BYTES,
-    attention_mask,
     build_seg,
     estimated_bytes,
     plan_segments,

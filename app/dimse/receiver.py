@@ -12,7 +12,7 @@ Why each rule:
 * **Raw bytes.** The dataset is written as it arrived (``event.encoded_dataset()``), never decoded
   and re-encoded: faster, and the stored file is byte-for-byte what the PACS sent. Only the header
   is parsed (no pixels) to learn the study, patient and kind.
-* **No loops, no mixing.** Only CT images trigger processing; the node's own SR/SEG (recognised by
+* **No loops, no mixing.** Only CT images trigger processing; the node's own SR/SEG/maps (recognised by
   :func:`operators.uids.is_own_output`) and any other SR/SEG are stored but never trigger. The
   state quarantines a study whose instances disagree on PatientID/issuer.
 * **Allow-list at association.** Unknown calling AEs (and, when configured, known AEs from another
@@ -87,6 +87,7 @@ STORAGE_SOP_CLASSES: dict[str, str] = {
     "X-Ray Radiation Dose SR": "1.2.840.10008.5.1.4.1.1.88.67",
     "Key Object Selection": "1.2.840.10008.5.1.4.1.1.88.59",
     "Segmentation": "1.2.840.10008.5.1.4.1.1.66.4",
+    "Parametric Map": "1.2.840.10008.5.1.4.1.1.30",
     "Grayscale Softcopy Presentation State": "1.2.840.10008.5.1.4.1.1.11.1",
     "Encapsulated PDF": "1.2.840.10008.5.1.4.1.1.104.1",
 }

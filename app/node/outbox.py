@@ -27,24 +27,21 @@ from typing import Any
 from app.dimse.network import RemoteNode, TlsConfig
 from app.dimse.sender import RetryPolicy, send_files
 from app.node.store.outbox import OutboxItem, OutboxStore
+from operators.study_case import dicom_file_keys
 
 logger = logging.getLogger(__name__)
 
-#: The result objects of a processed study that go to the destinations (``summary["files"]`` keys).
-OUTPUT_KEYS = ("sr", "seg", "text_sr")
-
 
 def result_outputs(summary: dict[str, Any], output: Path, data_dir: Path) -> list[tuple[str, str]]:
-    """``(SOP Instance UID, path relative to data_dir)`` of a processed study's SR, SEG and text SR
-    (``summary["files"]`` paths are relative to ``output``), each fsynced with its folder first: the
-    outbox must still find them after a power loss."""
+    """``(SOP Instance UID, path relative to data_dir)`` of a processed study's DICOM results (SR,
+    SEG, Parametric Maps, text SR: :func:`~operators.study_case.dicom_file_keys`; ``summary["files"]``
+    paths are relative to ``output``), each fsynced with its folder first: the outbox must still
+    find them after a power loss."""
     outputs = []
-    for key in OUTPUT_KEYS:
-        rel = summary["files"].get(key)
-        if rel:
-            path = output / rel
-            _fsync(path)
-            outputs.append((_sop_uid(path), path.relative_to(data_dir).as_posix()))
+    for key in dicom_file_keys(summary["files"]):
+        path = output / summary["files"][key]
+        _fsync(path)
+        outputs.append((_sop_uid(path), path.relative_to(data_dir).as_posix()))
     for folder in {output / p for p in (Path(r).parent for r in summary["files"].values())}:
         _fsync(folder)
     return outputs
