@@ -162,10 +162,23 @@ def write_case_dicom(case: StudyCase, options: WriterOptions) -> None:
         case.files["text_sr"] = str(save(text, folder, "TXT").relative_to(case.output_folder))
 
 
+def atomic_temp(path: Path) -> tuple[int, str]:
+    """A temp file beside ``path`` for an atomic write, with the mode a plain ``open`` would give.
+
+    ``mkstemp`` creates 0600 files: results.json and the batch tables would then be unreadable to
+    the group that reads the DICOM outputs (0644 under the usual umask) in the same folder.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temp file in the same folder, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = atomic_temp(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, allow_nan=False)
@@ -186,7 +199,9 @@ def write_results_json(case: StudyCase) -> None:
     case.files["results"] = str((folder / RESULTS_FILE).relative_to(case.output_folder))
     case.outcome = Outcome.PROCESSED
     positives = [t.key for t in case.result.tasks if t.present]
-    logger.info("study %s processed: %d positive finding(s) %s", case.study_instance_uid, len(positives), positives)
+    logger.info(
+        "study %s processed: %d positive finding(s) %s", case.study_instance_uid, len(positives), positives
+    )
 
 
 def write_outcome_json(output_folder: Path, summaries: list[dict[str, Any]]) -> None:

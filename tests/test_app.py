@@ -457,3 +457,10 @@ def test_every_transfer_syntax_gives_identical_hu(tmp_path: Path, syntax: str) -
     assert str(datasets[0].file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2.1"
     vol_enc = load_dicom_series(datasets)
     np.testing.assert_array_equal(vol_enc.hu, vol_ref.hu)
+
+
+def test_results_json_is_as_readable_as_the_dicom_beside_it(processed: tuple[Path, Path]) -> None:
+    """Atomic writes go through mkstemp (0600); results.json must still get the DICOM files' mode."""
+    _, out = processed
+    (results,) = out.glob("*/results.json")
+    assert results.stat().st_mode & 0o777 == _one(out, "SR").stat().st_mode & 0o777

@@ -135,6 +135,9 @@ def test_errors_list_every_skipped_file_and_study_with_a_reason(batch, studies) 
     assert "modality MR is not CT" in study_errors[study_uid(studies["mr"])]
     assert all(e["reason"] for e in errors)
     assert report.index is not None and report.index.studies == 4
+    dicom = next(out.glob("*/SR_*.dcm"))
+    for table in ("errors.csv", "findings.csv", "findings.parquet"):  # written atomically, not 0600
+        assert (out / table).stat().st_mode & 0o777 == dicom.stat().st_mode & 0o777, table
 
 
 def test_each_sr_references_only_its_own_study(batch, studies) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from operators.stages import atomic_temp
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _renamed(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = atomic_temp(path)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
@@ -83,7 +84,7 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
         [(name, pa.float64() if kind == "float64" else pa.string()) for name, kind in FINDING_COLUMNS]
     )
     table = pa.Table.from_pylist([{n: r.get(n) for n, _ in FINDING_COLUMNS} for r in rows], schema=schema)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = atomic_temp(path)
     os.close(fd)
     try:
         pq.write_table(table, tmp)
