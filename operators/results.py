@@ -249,7 +249,6 @@ class StudyResult:
     model: ModelInfo
     frame_of_reference_uid: str | None = None
     frame_numbers: tuple[int, ...] | None = None
-    timings: Mapping[str, float] = field(default_factory=dict)
     selection: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -318,7 +317,6 @@ class StudyResult:
             "selection": dict(self.selection),
             "model": self.model.to_dict(),
             "tasks": [t.to_dict() for t in self.tasks],
-            "timings": {k: float(v) for k, v in self.timings.items()},
             "outputs": dict(self.outputs),
         }
 

@@ -278,7 +278,6 @@ def study_result(
         frame_numbers=vol.frame_numbers,
         tasks=tuple(tasks),
         model=model or model_info(),
-        timings={"inference_s": 1.25},
     )
 
 
