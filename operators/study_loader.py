@@ -18,6 +18,7 @@ import pydicom
 from monai.deploy.core import ConditionType, Fragment, OperatorSpec
 from monai.deploy.core.domain import DICOMSeries, DICOMStudy
 from monai.deploy.operators import DICOMDataLoaderOperator
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from operators.study_case import Outcome, StudyCase
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 DEFER_SIZE = 64 * 1024
 
 
+#: The reason for a file that is not DICOM at all (a sidecar such as findings.json, a notes file).
+NOT_DICOM = "not a DICOM file (no 'DICM' marker at byte 128)"
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -42,6 +45,10 @@ def read_instance(path: Path) -> tuple[pydicom.Dataset | None, str]:
     """
     try:
         ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
+    except InvalidDicomError as exc:
+        if "'DICM' prefix is missing" in str(exc):  # pydicom's hint "use force=True" is for developers
+            return None, NOT_DICOM
+        return None, f"not readable as DICOM ({type(exc).__name__}: {exc})"
     except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, never fatal
         return None, f"not readable as DICOM ({type(exc).__name__}: {exc})"
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -131,7 +138,9 @@ def group_instances(files: list[str]) -> tuple[list[DICOMStudy], list[tuple[str,
         ds, why = read_instance(Path(name))
         if ds is None:
             skipped.append((os.path.basename(name), why))
-            logger.warning("skipped %s: %s", os.path.basename(name), why)
+            # a sidecar beside the images is expected; a DICOM file we cannot use is worth a warning
+            level = logging.INFO if why == NOT_DICOM else logging.WARNING
+            logger.log(level, "skipped %s: %s", os.path.basename(name), why)
             continue
         study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
         if study_uid not in studies:

@@ -262,6 +262,14 @@ def test_python_m_app_with_holoscan_variables(tmp_path: Path, model_dir: Path) -
     (record,) = outcome["studies"]
     assert record["outcome"] == "not-processed"
     assert "slice thickness 5 mm is outside" in record["reason"]
+    # no noise for a newcomer: synth's findings.json sidecar is not a pydicom developer hint, and a host
+    # without a GPU does not get GXF's "CUDA driver version is insufficient" warnings on every run
+    assert list(study.rglob("findings.json")), "the sidecar this checks is there"
+    log = proc.stdout + proc.stderr
+    assert "force=True" not in log
+    assert not [line for line in log.splitlines() if "findings.json" in line and "WARNING" in line]
+    if not Path("/dev/nvidiactl").exists():
+        assert "gxf_cuda" not in log, log[-2000:]
 
 
 def test_hyperct_run_exit_code_for_nothing_eligible(tmp_path: Path, model_dir: Path) -> None:

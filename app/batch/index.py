@@ -99,9 +99,7 @@ def read_header(path: Path) -> tuple[HeaderInfo | None, str]:
 
     ds, why = read_instance(path)
     if ds is None:
-        if "'DICM' prefix is missing" in why:
-            why = "not a DICOM file (no 'DICM' marker at byte 128)"
-        elif why.startswith("missing "):
+        if why.startswith("missing "):
             why = f"not a usable DICOM instance ({why})"
         return None, why
     number = ds.get("SeriesNumber")
