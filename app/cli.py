@@ -40,7 +40,7 @@ def _version_callback(value: bool) -> None:
 @cli.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        False, "--version", "-V", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """HyperCT Node command line."""

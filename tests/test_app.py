@@ -472,3 +472,14 @@ def test_results_json_is_as_readable_as_the_dicom_beside_it(processed: tuple[Pat
     _, out = processed
     (results,) = out.glob("*/results.json")
     assert results.stat().st_mode & 0o777 == _one(out, "SR").stat().st_mode & 0o777
+
+
+def test_version_short_and_long() -> None:
+    from typer.testing import CliRunner
+
+    from app import __version__
+    from app.cli import cli
+
+    for flag in ("-V", "--version"):
+        shown = CliRunner().invoke(cli, [flag])
+        assert shown.exit_code == 0 and shown.output.strip() == f"hyperct-node {__version__}", flag
