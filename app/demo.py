@@ -7,7 +7,8 @@
 5. ``storescu`` sends the study to the node; the node selects the series, runs HyperCT and sends
    SR + SEG + saliency Parametric Maps + text SR to ``storescp``;
 6. ``dciodvfy`` validates every received object;
-7. the findings, read back from the received SR.
+7. the findings, read back from the received SR;
+8. the key images (a PNG per positive finding) the node wrote beside the job's ``results.json``.
 
 Run as ``python -m app.demo [OUT]`` (default ``demo-out``). Research use only; the demo model is
 synthetic, not clinical.
@@ -303,6 +304,31 @@ def step_findings(received: dict[str, list[Path]]) -> None:
             console.print(f"Parametric Maps: {len(maps)} ({names}; OHIF >= 3.9 and 3D Slicer overlay them)")
 
 
+def node_key_images(node_dir: Path) -> list[tuple[str, Path]]:
+    """(finding, PNG) of every key image the node wrote, as each job's ``results.json`` lists them
+    (``<data-dir>/results/<job id>/<StudyInstanceUID>/``, paths relative to that file). They stay in
+    the node's data folder: the outbox sends DICOM only."""
+    found = []
+    for results in sorted(node_dir.glob("results/*/*/results.json")):
+        for task in json.loads(results.read_text(encoding="utf-8")).get("tasks", []):
+            if task.get("key_image"):
+                png = results.parent / task["key_image"]
+                if not png.is_file():
+                    raise DemoError(f"{results} lists the key image {task['key_image']}, which is missing")
+                found.append((str(task["name"]), png))
+    return found
+
+
+def step_key_images(out: Path) -> list[tuple[str, Path]]:
+    console.rule("[bold]8. Key images (PNG per positive finding, in the node's data folder)")
+    images = node_key_images(out / "node")
+    for finding, png in images:
+        console.print(f"{finding}: {png}")
+    if not images:
+        console.print("no positive finding with an attention map, so no key images")
+    return images
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0]) if argv else Path("demo-out")
@@ -318,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         received = step_round_trip(out, study, models)
         step_validate(received)
         step_findings(received)
+        images = step_key_images(out)
     except (DemoError, subprocess.CalledProcessError) as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         return 1
@@ -326,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"{time.monotonic() - t0:.0f} s end to end; the PACS received {counts} under {out / 'pacs'}"
     )
+    if images:
+        console.print(f"{len(images)} key image(s) under {out / 'node' / 'results'}")
     return 0
 
 

@@ -70,6 +70,12 @@ def _write_dicom(p: Pipeline, case: StudyCase) -> None:
     write_case_dicom(case, p.config.outputs)
 
 
+def _write_key_images(p: Pipeline, case: StudyCase) -> None:
+    from operators.stages import write_case_key_images
+
+    write_case_key_images(case, p.config.outputs)
+
+
 def _write_results(p: Pipeline, case: StudyCase) -> None:
     from operators.stages import write_results_json
 
@@ -84,7 +90,11 @@ PREPARE: tuple[Stage, ...] = (
     Stage("preprocessing", _preprocess),
 )
 INFER: tuple[Stage, ...] = (Stage("inference", _infer),)
-WRITE: tuple[Stage, ...] = (Stage("dicom-writers", _write_dicom), Stage("results-json", _write_results))
+WRITE: tuple[Stage, ...] = (
+    Stage("dicom-writers", _write_dicom),
+    Stage("key-images", _write_key_images),
+    Stage("results-json", _write_results),
+)
 STAGES: tuple[Stage, ...] = (*PREPARE, *INFER, *WRITE)
 
 

@@ -190,6 +190,9 @@ class ModelInfo:
     synthetic: bool = False
     coding_schemes: tuple[CodingScheme, ...] = ()
     intended_use: str = ""
+    #: Task names of the full HyperCT task set that this model was not trained on (manifest
+    #: ``not_covered``): shown as "not covered by this model", never as absent.
+    not_covered: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -201,6 +204,7 @@ class ModelInfo:
             raise ValueError(f"ModelInfo.manifest_sha256 must be 64 hex digits, got {self.manifest_sha256!r}")
         object.__setattr__(self, "manifest_sha256", sha)
         object.__setattr__(self, "coding_schemes", tuple(self.coding_schemes))
+        object.__setattr__(self, "not_covered", tuple(self.not_covered))
 
     @classmethod
     def from_manifest(cls, manifest: ModelManifest, manifest_sha256: str) -> ModelInfo:
@@ -211,6 +215,7 @@ class ModelInfo:
             synthetic=manifest.synthetic,
             coding_schemes=manifest.coding_schemes,
             intended_use=manifest.intended_use,
+            not_covered=tuple(str(t.get("name", t.get("key"))) for t in manifest.extra.get("not_covered", ())),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,6 +234,7 @@ class ModelInfo:
                 for s in self.coding_schemes
             ],
             "intended_use": self.intended_use,
+            "not_covered": list(self.not_covered),
         }
 
 
@@ -239,7 +245,9 @@ class StudyResult:
     ``sop_instance_uids`` names the source instance of each slice, in the slice order of the attention
     maps (``Volume.sop_instance_uids``); for multi-frame CT, ``frame_numbers`` names the frame of each
     slice in its instance (``Volume.frame_numbers``; None for single-frame series). The SEG writer aligns
-    frames by these, never by file order or InstanceNumber.
+    frames by these, never by file order or InstanceNumber. ``key_images`` maps a finding's task key to
+    its key image (``operators.key_images``) as a path relative to the folder of ``results.json``,
+    which lists it with the finding.
     """
 
     study_instance_uid: str
@@ -251,6 +259,7 @@ class StudyResult:
     frame_numbers: tuple[int, ...] | None = None
     selection: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, Any] = field(default_factory=dict)
+    key_images: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.study_instance_uid:
@@ -276,6 +285,10 @@ class StudyResult:
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"StudyResult.tasks has duplicate keys {dupes}")
+        object.__setattr__(self, "key_images", dict(self.key_images))
+        unknown = sorted(set(self.key_images) - set(keys))
+        if unknown:
+            raise ValueError(f"StudyResult.key_images names tasks it does not have: {unknown}")
         n = len(self.sop_instance_uids)
         for t in self.tasks:
             if t.attention is not None and t.attention.shape[0] != n:
@@ -316,7 +329,7 @@ class StudyResult:
             "frame_numbers": list(self.frame_numbers) if self.frame_numbers is not None else None,
             "selection": dict(self.selection),
             "model": self.model.to_dict(),
-            "tasks": [t.to_dict() for t in self.tasks],
+            "tasks": [{**t.to_dict(), "key_image": self.key_images.get(t.key)} for t in self.tasks],
             "outputs": dict(self.outputs),
         }
 

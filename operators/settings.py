@@ -410,3 +410,4 @@ class WriterOptions(Settings):
     focal: FocalRegion = FocalRegion()
     parametric_map: bool = True  # the attention map itself, per positive finding (docs/results.md §5)
     parametric_map_max_mb: float | None = Field(default=1000.0, gt=0)  # per study; None = no limit
+    key_images: bool = True  # a PNG of each positive finding's peak-attention slice (docs/results.md §11)

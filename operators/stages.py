@@ -19,6 +19,14 @@ from typing import Any
 
 from operators.attention_region import Body
 from operators.dicom_output import save
+from operators.key_images import (
+    KEY_IMAGES_DIR,
+    KeyImageMeta,
+    key_image_file_key,
+    key_image_name,
+    plan_key_images,
+    render_key_image,
+)
 from operators.model_runner import HyperCTRunner
 from operators.pmap_writer import write_pmaps
 from operators.preprocessing import PreprocessingConfig, model_map_to_source, preprocess
@@ -162,6 +170,34 @@ def write_case_dicom(case: StudyCase, options: WriterOptions) -> None:
         case.files["text_sr"] = str(save(text, folder, "TXT").relative_to(case.output_folder))
 
 
+def write_case_key_images(case: StudyCase, options: WriterOptions) -> None:
+    """Write a PNG key image of each positive finding with an attention map into
+    ``<study>/key_images/`` and record them: in ``case.files`` (``key_image:<task key>``, relative to
+    the output folder like every file) and in the result, for ``results.json`` (relative to it).
+
+    PNGs left there by an earlier run of the same study for findings that are not positive now are
+    removed: a stale key image beside ``results.json`` would show a finding the results do not have.
+    """
+    if not options.key_images:
+        return
+    folder = study_folder(case) / KEY_IMAGES_DIR
+    written: dict[str, str] = {}
+    for task in plan_key_images(case.result):
+        meta = KeyImageMeta.of(task, case.volume, synthetic=case.result.model.synthetic)
+        path = folder / key_image_name(task.key)
+        write_bytes_atomic(path, render_key_image(case.volume.hu, task.attention, meta))
+        written[task.key] = f"{KEY_IMAGES_DIR}/{path.name}"
+        case.files[key_image_file_key(task.key)] = str(path.relative_to(case.output_folder))
+    if folder.is_dir():
+        keep = {Path(p).name for p in written.values()}
+        for stale in folder.glob("*.png"):
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+    case.result = replace(case.result, key_images=written)
+    if written:
+        logger.info("study %s: key images %s", case.study_instance_uid, sorted(written))
+
+
 def atomic_temp(path: Path) -> tuple[int, str]:
     """A temp file beside ``path`` for an atomic write, with the mode a plain ``open`` would give.
 
@@ -173,6 +209,22 @@ def atomic_temp(path: Path) -> tuple[int, str]:
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
     return fd, tmp
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` via a temp file in the same folder, fsync, then rename over ``path``: a reader
+    (the web console, a sync job) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = atomic_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

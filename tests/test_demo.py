@@ -7,6 +7,7 @@ The demo driver runs exactly as `make demo` does, with the small exported test m
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,12 @@ def test_demo_round_trip_through_the_node(tmp_path: Path, model_dir: Path) -> No
     assert "valid" in text and "error(s)" not in text
     assert "Pleural effusion" in text  # the findings table read back from the received SR
     assert "Synthetic demo model" in text
+    # Step 8: every key image the node's results.json files list is printed, and exists.
+    assert "8. Key images" in text
+    listed = [
+        results.parent / task["key_image"]
+        for results in (out / "node").glob("results/*/*/results.json")
+        for task in json.loads(results.read_text())["tasks"]
+        if task["key_image"]
+    ]
+    assert all(png.is_file() and str(png) in text for png in listed), (listed, text[-2000:])
