@@ -1,7 +1,9 @@
 """The ``hyperct`` command line (typer).
 
 Every sub-command lives in ``app.commands.<name>`` and imports its heavy dependencies
-(torch, monai, holoscan, onnxruntime) inside the function body, so ``hyperct --help`` starts fast.
+(torch, monai, holoscan, onnxruntime, highdicom) inside the function body, after checking what the
+user gave, so ``hyperct --help`` and a user error cost a fraction of a second, not the ≈ 8 s of the
+stack (``tests/test_cli_startup.py`` keeps it so). Help is laid out by :mod:`app.commands.helpfmt`.
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ from app.commands import run as run_cmd
 from app.commands import serve as serve_cmd
 from app.commands import synth as synth_cmd
 from app.commands import train as train_cmd
+from app.commands.helpfmt import HyperCTTyper
 
-cli = typer.Typer(
+cli = HyperCTTyper(
     name="hyperct",
     help=(
         "HyperCT Node: run the HyperCT multi-task chest CT model on DICOM studies and return "
         f"DICOM SR + SEG results. {RESEARCH_USE_STATEMENT}"
     ),
+    epilog=(
+        "Start here:\n"
+        "  hyperct model demo                    # the synthetic demo model, ./models\n"
+        "  hyperct synth study/ -f cardiomegaly  # a synthetic CT study\n"
+        "  hyperct run study/ out/               # the model on it\n"
+        "  hyperct COMMAND -h                    # a command's options and examples"
+    ),
     no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -46,17 +53,21 @@ def _root(
     """HyperCT Node command line."""
 
 
-cli.command("run", help=run_cmd.HELP)(run_cmd.run)
-cli.command("process", help=process_cmd.HELP)(process_cmd.process)
-cli.command("synth", help=synth_cmd.HELP)(synth_cmd.synth)
+cli.command("run", help=run_cmd.HELP, short_help=run_cmd.SHORT_HELP, epilog=run_cmd.EXAMPLES)(run_cmd.run)
+cli.command("process", help=process_cmd.HELP, short_help=process_cmd.SHORT_HELP, epilog=process_cmd.EXAMPLES)(
+    process_cmd.process
+)
+cli.command("synth", help=synth_cmd.HELP, short_help=synth_cmd.SHORT_HELP, epilog=synth_cmd.EXAMPLES)(synth_cmd.synth)
 cli.add_typer(labels_cmd.labels_app, name="labels", help=labels_cmd.HELP)
-cli.command("export", help=model_cmd.EXPORT_HELP)(model_cmd.export_command)
+cli.command("export", help=model_cmd.EXPORT_HELP, short_help=model_cmd.EXPORT_SHORT_HELP)(model_cmd.export_command)
 cli.add_typer(model_cmd.model_app, name="model", help=model_cmd.HELP)
-cli.command("train", help=train_cmd.TRAIN_HELP)(train_cmd.train)
-cli.command("evaluate", help=train_cmd.EVALUATE_HELP)(train_cmd.evaluate)
+cli.command("train", help=train_cmd.TRAIN_HELP, short_help=train_cmd.TRAIN_SHORT_HELP, epilog=train_cmd.TRAIN_EXAMPLES)(
+    train_cmd.train
+)
+cli.command("evaluate", help=train_cmd.EVALUATE_HELP, short_help=train_cmd.EVALUATE_SHORT_HELP)(train_cmd.evaluate)
 cli.command("baselines", help=train_cmd.BASELINES_HELP)(train_cmd.baselines)
-cli.command("serve", help=serve_cmd.HELP)(serve_cmd.serve)
-cli.add_typer(jobs_cmd.jobs_app, name="jobs", help=jobs_cmd.HELP)
+cli.command("serve", help=serve_cmd.HELP, short_help=serve_cmd.SHORT_HELP, epilog=serve_cmd.EXAMPLES)(serve_cmd.serve)
+cli.add_typer(jobs_cmd.jobs_app, name="jobs", help=jobs_cmd.HELP, epilog=jobs_cmd.EXAMPLES)
 cli.command("status", help=jobs_cmd.STATUS_HELP)(jobs_cmd.status)
 
 

@@ -163,3 +163,52 @@ def test_a_partial_copy_never_wins_over_the_intact_original(tmp_path: Path, cut:
     assert why.startswith(f"truncated: {expected}"), why
     assert not any("duplicate" in r for _, r in errors)
     index.close()
+
+
+def test_process_summary_rate_is_the_progress_bar_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary's studies/h and the bar's are one number on one basis, said in the line (issue #19:
+    the bar showed rich's 30-s moving speed, 3,106/h, the summary studies ÷ run time, 2,315/h)."""
+    import io
+    import time
+    from collections import Counter
+
+    from rich.console import Console
+
+    from app.batch.runner import RATE_BASIS, BatchConfig, BatchReport, BatchRunner, StudyJob, make_progress
+    from app.commands import output, process
+
+    class Stub(BatchRunner):
+        """Stages that only take a little time: the rate bookkeeping without a model."""
+
+        def __init__(self) -> None:
+            self.cfg, self.sender = BatchConfig(output=Path("unused"), model=Path("unused"), prefetch=0), None
+
+        def prepare(self, job: StudyJob) -> object:  # type: ignore[override]
+            time.sleep(0.02)
+            return job
+
+        def infer(self, case: object) -> object:  # type: ignore[override]
+            time.sleep(0.05)
+            return case
+
+        def write(self, case: object) -> dict:  # type: ignore[override]
+            return {"outcome": "processed"}
+
+        def record(self, job: StudyJob, case: object, summary: dict, ledger: object) -> str:  # type: ignore[override]
+            return str(summary["outcome"])
+
+    class Ledger:
+        def start(self, study_uid: str) -> None:
+            pass
+
+    progress, report = make_progress(False), BatchReport()
+    started = time.perf_counter() - 3.0  # index, ledger check and model load took 3 s before processing
+    Stub().run([StudyJob(f"1.2.{i}") for i in range(3)], Ledger(), progress, report, started=started)  # type: ignore[arg-type]
+    assert report.outcomes == Counter(processed=3)
+    bar = progress.tasks[0].fields["rate"]
+    assert bar == f"{report.studies_per_hour:,.0f} studies/h", (bar, report)
+    shown = io.StringIO()
+    monkeypatch.setattr(output, "output_console", lambda **kw: Console(file=shown, width=200))
+    process.print_report(report)
+    (line,) = [x for x in shown.getvalue().splitlines() if x.startswith("this run:")]
+    assert f": {bar} ({RATE_BASIS})" in line, line

@@ -200,7 +200,7 @@ def test_jobs_list_refuses_an_unknown_state_naming_the_valid_ones(tmp_path: Path
     result = CliRunner().invoke(cli, ["jobs", "list", "--data-dir", str(tmp_path), "--state", "bogus"])
     line = _one_line_error(result.exit_code, result.output)
     assert "'bogus'" in line
-    assert "queued, running, done, not_processed, failed, superseded" in line
+    assert "queued, running, done, not-processed, failed, superseded" in line
 
 
 def _serve(folder: Path, settings: dict) -> subprocess.CompletedProcess[str]:
@@ -450,3 +450,43 @@ def test_jobs_purge_forgets_finished_studies_and_their_files(tmp_path: Path) -> 
     assert (tmp_path / "spool" / "1.2.5").exists()  # still queued: untouched
     listing = CliRunner().invoke(cli, ["jobs", "list", *config, "--json"])
     assert [j["study_uid"] for j in __import__("json").loads(listing.output)] == ["1.2.5"]
+
+
+def test_a_not_processed_study_is_one_state_everywhere(tmp_path: Path) -> None:
+    """A run that ends ``not-processed`` (an MR-only study) is stored with the outcome's spelling; the
+    job states, the late-arrival rule, retry and purge used ``not_processed`` and never matched it
+    (issue #19): the job could not be listed by state nor retried, a late CT left the study alone,
+    and purge kept it forever."""
+    state, spool = NodeStore(tmp_path / "state.sqlite"), Spool(tmp_path / "spool")
+    _record(state, spool, "1.2.3", "1.2.3.4")
+    state.studies.complete_quiet(0.0, now=time.time() + 1)
+    job = state.jobs.claim()
+    assert job is not None
+    assert state.jobs.finish(job, "not-processed", "modality MR is not CT", "results/1", [], []) == "not-processed"
+    state.close()
+    config = ["--data-dir", str(tmp_path)]
+    for spelling in ("not-processed", "not_processed"):  # the older spelling is still understood
+        listed = CliRunner().invoke(cli, ["jobs", "list", *config, "--state", spelling])
+        assert listed.exit_code == 0 and "not-processed" in listed.output and "1.2.3" in listed.output, listed.output
+    status = CliRunner().invoke(cli, ["status", *config])
+    assert "jobs: not-processed 1" in status.output and "not_processed" not in status.output, status.output
+    purged = CliRunner().invoke(cli, ["jobs", "purge", *config, "--older-than-days", "0"])
+    assert purged.exit_code == 0 and "purged 1" in purged.output, purged.output
+
+    state = NodeStore(tmp_path / "state.sqlite")
+    for uid in ("1.2.7", "1.2.8"):
+        _record(state, spool, uid, f"{uid}.1")
+    state.studies.complete_quiet(0.0, now=time.time() + 1)
+    for _ in range(2):
+        job = state.jobs.claim()
+        assert job is not None
+        state.jobs.finish(job, "not-processed", "modality MR is not CT", f"results/{job.id}", [], [])
+    assert state.jobs.retry(job.id) == f"job {job.id + 1} queued"  # finished: it may run again
+
+    def study(uid: str) -> dict:
+        return next(dict(r) for r in state.studies.rows() if r["study_uid"] == uid)
+
+    generation = study("1.2.7")["generation"]
+    _record(state, spool, "1.2.7", "1.2.7.2")  # a late CT instance: the study is processed again
+    assert (study("1.2.7")["state"], study("1.2.7")["generation"]) == ("receiving", generation + 1)
+    state.close()

@@ -78,6 +78,7 @@ def test_good_invocation_writes_the_expected_layout(tmp_path: Path) -> None:
             "--accession",
             "ACC42",
         ],
+        env={"COLUMNS": "80"},  # as in a log: not a terminal, 80 columns
     )
     assert res.exit_code == 0, res.output
     study = out / "PAT42_ACC42"
@@ -89,6 +90,8 @@ def test_good_invocation_writes_the_expected_layout(tmp_path: Path) -> None:
     assert row["Lung nodule"] == row["Lung opacity"] == 1 and row["Consolidation"] == 0
     text = plain(res.output)
     assert "PAT42_ACC42" in text and "lung_nodule" in text and "FFS" in text
+    # off a terminal the summary table is not squeezed into 80 columns: the UID stays one greppable word
+    assert row["StudyInstanceUID"] in res.output.split(), res.output
 
 
 def test_many_studies_with_random_findings(tmp_path: Path) -> None:

@@ -41,6 +41,20 @@ logger = logging.getLogger(__name__)
 
 WORK_DIR = "_batch"  # OUT/_batch/{index.sqlite, ledger.sqlite, cache/}
 TABLE_REFRESH_S = 60.0
+#: What the one rate of a run means, in the progress bar and the summary alike (said in the summary).
+RATE_BASIS = "studies finished ÷ time since processing started, as on the progress bar"
+
+
+def studies_per_hour(studies: int, seconds: float) -> float:
+    """The rate of a run: studies finished per hour of wall time since processing started (the index,
+    the ledger check and the model load before it excluded). The progress bar shows it while the run
+    goes and the summary prints it at the end, so both say the same number: rich's own ``speed``
+    averages only the last 30 s of updates and disagreed with the summary (issue #19)."""
+    return 3600.0 * studies / seconds if seconds > 0 else 0.0
+
+
+def format_rate(per_hour: float) -> str:
+    return f"{per_hour:,.0f} studies/h"
 
 
 @dataclass(frozen=True)
@@ -92,8 +106,9 @@ class BatchReport:
 
     @property
     def studies_per_hour(self) -> float:
-        n = sum(self.outcomes.values())
-        return 3600.0 * n / self.seconds if self.seconds > 0 else 0.0
+        """See :func:`studies_per_hour`; ``seconds`` runs from the start of processing to the last
+        study finished (to the end of the run when none finished)."""
+        return studies_per_hour(sum(self.outcomes.values()), self.seconds)
 
 
 def make_progress(enabled: bool) -> Progress:
@@ -256,12 +271,23 @@ class BatchRunner:
         )
         return str(summary["outcome"])
 
-    def run(self, jobs: list[StudyJob], ledger: Ledger, progress: Progress, report: BatchReport) -> None:
+    def run(
+        self,
+        jobs: list[StudyJob],
+        ledger: Ledger,
+        progress: Progress,
+        report: BatchReport,
+        *,
+        started: float | None = None,
+    ) -> None:
         """Process ``jobs`` in order as a three-stage pipeline: prepare (``workers`` threads, at most
         ``prefetch`` studies ahead) → infer (this thread) → write (one writer thread, one study).
 
         With ``prefetch`` 0 every stage runs here, one study after the other (the baseline).
+        ``started`` (``time.perf_counter()``, default now) is when processing started: each finished
+        study sets ``report.seconds`` from it, and the bar shows ``report.studies_per_hour``.
         """
+        started = time.perf_counter() if started is None else started
         task = progress.add_task("processing studies", total=len(jobs), rate="")
         overlap = self.cfg.prefetch > 0
         pending: deque[tuple[StudyJob, Future[StudyCase] | None]] = deque()
@@ -275,8 +301,9 @@ class BatchRunner:
             finally:
                 job.release()
             report.outcomes[outcome] += 1
+            report.seconds = time.perf_counter() - started
             progress.advance(task)
-            _rate(progress, task, "studies/h", 3600.0)
+            progress.update(task, rate=format_rate(report.studies_per_hour))
 
         with _executor(max(1, self.cfg.workers), "prefetch") as pool, _executor(1, "writer") as writer:
 
@@ -394,11 +421,12 @@ def run_batch(
             logger.info("%d studies to process (%d already done)", len(jobs), report.already_done)
             t_run = time.perf_counter()
             try:
-                batch.run(jobs, ledger, progress, report)
+                batch.run(jobs, ledger, progress, report, started=t_run)
             except KeyboardInterrupt:
                 report.interrupted = True
                 logger.warning("interrupted: finished studies are in the ledger; rerun to resume")
-            report.seconds = time.perf_counter() - t_run
+            if not report.outcomes:
+                report.seconds = time.perf_counter() - t_run
             if sender is not None:
                 report.sends = drain_sends(sender, progress, interrupted=report.interrupted)
         report.tables = batch.write_tables(ledger, index)

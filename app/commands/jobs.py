@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from app.commands.helpfmt import HyperCTTyper
 from app.commands.usage import fail
 from app.node.store.jobs import JOB_STATES
 
@@ -27,8 +28,13 @@ if TYPE_CHECKING:
 
 HELP = "Inspect and steer the node's jobs (one per processed study): list, show, retry, purge."
 STATUS_HELP = "The node's queue depth, studies and outbox by state, and the last errors."
+EXAMPLES = """Examples:
+  hyperct jobs list -c node.yaml --state failed
+  hyperct jobs show 42 -c node.yaml
+  hyperct jobs retry 42 -c node.yaml       # picked up by the running node
+  hyperct jobs purge --data-dir node-data --older-than-days 90"""
 
-jobs_app = typer.Typer(name="jobs", help=HELP, no_args_is_help=True, add_completion=False)
+jobs_app = HyperCTTyper(name="jobs", help=HELP, no_args_is_help=True)
 
 _CONFIG = typer.Option(
     None, "--config", "-c", exists=True, dir_okay=False, help="The node's YAML file (for its data-dir)."
@@ -85,6 +91,8 @@ def list_jobs(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:  # fmt: skip
     """List jobs, newest first."""
+    if state_filter is not None:
+        state_filter = state_filter.replace("_", "-")  # `not_processed`, as older docs spelt it
     if state_filter is not None and state_filter not in JOB_STATES:
         fail(f"--state {state_filter!r} is not a job state; use one of: {', '.join(JOB_STATES)}")
     state, _ = _state(config, data_dir)
@@ -102,7 +110,7 @@ def list_jobs(
 
 
 @jobs_app.command("show")
-def show(job_id: int = typer.Argument(..., help="Job id (from `hyperct jobs list`)."), config: Path = _CONFIG,
+def show(job_id: int = typer.Argument(..., metavar="JOB_ID", help="Job id (from `hyperct jobs list`)."), config: Path = _CONFIG,
          data_dir: Path = _DATA) -> None:  # fmt: skip
     """Everything about one job: study, attempts, outbox rows, errors (JSON)."""
     from app.node.store import StateError
@@ -117,7 +125,9 @@ def show(job_id: int = typer.Argument(..., help="Job id (from `hyperct jobs list
 
 @jobs_app.command("retry")
 def retry(
-    job_id: int = typer.Argument(..., help="Job id."), config: Path = _CONFIG, data_dir: Path = _DATA
+    job_id: int = typer.Argument(..., metavar="JOB_ID", help="Job id (from `hyperct jobs list`)."),
+    config: Path = _CONFIG,
+    data_dir: Path = _DATA,
 ) -> None:
     """Re-queue a job's failed sends, or run a finished job's study again (picked up by the running node)."""
     from app.node.store import StateError
@@ -139,7 +149,7 @@ def purge(
 ) -> None:  # fmt: skip
     """Forget finished studies: rows, spool and results folders."""
     state, cfg = _state(config, data_dir)
-    states = ("done", "not_processed", "stored", *(("failed",) if include_failed else ()))
+    states = ("done", "not-processed", "stored", *(("failed",) if include_failed else ()))
     forgotten = state.purge(older_than_s=older_than_days * 86400.0, states=states)
     for uid, job_ids in forgotten.items():
         shutil.rmtree(cfg.data_path / "spool" / uid, ignore_errors=True)

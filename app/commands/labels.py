@@ -15,7 +15,9 @@ from typing import Annotated
 
 import typer
 
+from app.commands.helpfmt import HyperCTTyper
 from app.commands.training_extra import needs_training_extra
+from app.commands.usage import OUT_OPTION_HELP, positional_or_option
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ ECHO_HELP = (
     "echo_days_from_ct (echo − CT, days). See docs/evaluation.md."
 )
 
-labels_app = typer.Typer(name="labels", help=HELP, no_args_is_help=True, add_completion=False)
+labels_app = HyperCTTyper(name="labels", help=HELP, no_args_is_help=True)
 
 
 @labels_app.callback()
@@ -42,19 +44,24 @@ def labels_echo_command(
     ct_csv: Annotated[
         Path,
         typer.Argument(
-            help="CT list CSV: StudyInstanceUID (or VolumeName/Path), PatientID, StudyDate (YYYYMMDD)."
+            metavar="CT_CSV",
+            help="CT list CSV: StudyInstanceUID (or VolumeName/Path), PatientID, StudyDate (YYYYMMDD).",
         ),
     ],
     echo_csv: Annotated[
         Path,
         typer.Argument(
+            metavar="ECHO_CSV",
             help=(
                 "Echo CSV: PatientID, EchoDate, lvef, rv_systolic_function, pasp, la_volume_index, "
                 "lv_d_measurement (cm), e_a_ratio, tr_max_velocity (m/s), sex; ECHO_… spellings accepted."
             )
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output labels CSV (written atomically).")],
+    out: Annotated[
+        Path | None,
+        typer.Argument(metavar="OUT", show_default=False, help="Output labels CSV (written atomically). Required."),
+    ] = None,
     lavi_threshold: Annotated[
         float,
         typer.Option(
@@ -68,8 +75,12 @@ def labels_echo_command(
             "--key-column", help="CT list key column (default: StudyInstanceUID, VolumeName, Path)."
         ),
     ] = "",
+    out_option: Annotated[Path | None, typer.Option("--out", "-o", hidden=True, help=OUT_OPTION_HELP)] = None,
 ) -> None:
     """Typer wrapper around ``training.echo_labels.derive_echo_labels``; prints the summary as JSON."""
+    out = positional_or_option(out, out_option)
+    if out is None:
+        raise typer.BadParameter("give the output CSV: hyperct labels echo CT_CSV ECHO_CSV OUT")
     from training.echo_labels import EchoLabelError, derive_echo_labels
 
     try:

@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
-from app.commands.training_extra import needs_training_extra
+from app.commands.helpfmt import HyperCTTyper
+from app.commands.training_extra import needs_training_extra, require_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +28,13 @@ EXPORT_HELP = (
     "Export a HyperCT checkpoint to ONNX (one merged-LoRA model per task by default) plus a validated "
     "manifest.json: the model folder the node serves (e.g. models/hyperct/). See docs/export.md."
 )
+EXPORT_SHORT_HELP = "Export a HyperCT checkpoint to the ONNX model folder the node serves."
 VERIFY_HELP = (
     "Verify a model folder: manifest schema, file hashes, and that every ONNX file loads in ONNX "
     "Runtime and runs on a dummy study with the declared inputs/outputs. Exit code 1 on any problem."
 )
 
-model_app = typer.Typer(name="model", help=HELP, no_args_is_help=True, add_completion=False)
+model_app = HyperCTTyper(name="model", help=HELP, no_args_is_help=True)
 
 
 class ExportFormat(str, Enum):
@@ -70,8 +72,8 @@ def _model_group() -> None:
 
 @needs_training_extra("hyperct export")
 def export_command(
-    checkpoint: Annotated[Path, typer.Argument(help="HyperCT checkpoint (.pt from training).")],
-    out: Annotated[Path, typer.Argument(help="Model folder to write (manifest.json + ONNX files).")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="HyperCT checkpoint (.pt from training).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Model folder to write (manifest.json + ONNX files).")],
     tasks: Annotated[
         list[str] | None,
         typer.Option("--tasks", help="Export only these task keys (comma-separated or repeated)."),
@@ -118,15 +120,16 @@ def export_command(
     ] = False,
 ) -> None:
     """``hyperct export CHECKPOINT OUT``."""
-    from rich.console import Console
+    require_checkpoint(checkpoint)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from app.commands.output import output_console
     from operators.manifest import ManifestError, load_manifest
     from operators.ort_session import gpu_present
     from training.export import ExportError, export_model, resolve_precision
 
-    console, err = Console(), Console(stderr=True)
+    console, err = output_console(), output_console(stderr=True)
     shorthand = [name for name, on in (("fp16", fp16), ("int8", int8)) if on]
     if len(shorthand) > 1 or (shorthand and precision.value not in ("auto", shorthand[0])):
         asked = ", ".join(
@@ -209,18 +212,20 @@ def export_command(
 
 @model_app.command("verify", help=VERIFY_HELP)
 def verify_command(
-    model_dir: Annotated[Path, typer.Argument(help="Model folder (or a models root holding hyperct/).")],
+    model_dir: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="Model folder (or a models root holding hyperct/).")
+    ],
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
     no_run: Annotated[bool, typer.Option("--no-run", help="Check schema and hashes only.")] = False,
 ) -> None:
     """``hyperct model verify DIR``."""
-    from rich.console import Console
     from rich.table import Table
 
+    from app.commands.output import output_console
     from operators.model_verify import verify_model
     from operators.ort_session import SessionOptions
 
-    console, err = Console(), Console(stderr=True)
+    console, err = output_console(), output_console(stderr=True)
     try:
         options = SessionOptions(device=device)
     except ValueError as e:
@@ -257,23 +262,26 @@ DEMO_HELP = (
     "phantoms, pick thresholds on its validation split, export. Reused when an up-to-date one is there "
     "(a few minutes on 2 CPU cores otherwise). Synthetic demo — not for clinical use."
 )
+DEMO_EXAMPLES = """Examples:
+  hyperct model demo          # ./models/hyperct, where run and serve look
+  hyperct model demo --force  # rebuild it
+  hyperct model demo /opt/models/hyperct  # then: run IN OUT -m /opt/models"""
 
 
-@model_app.command("demo", help=DEMO_HELP)
+@model_app.command("demo", help=DEMO_HELP, epilog=DEMO_EXAMPLES)
 @needs_training_extra("hyperct model demo")
 def demo_command(
-    out: Annotated[Path, typer.Argument(help="Model folder to write.")] = Path("models/hyperct"),
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Model folder to write.")] = Path("models/hyperct"),
     seed: Annotated[int, typer.Option("--seed", help="Training seed (the synthetic studies are fixed).")] = 0,
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild even when an up-to-date model is there.")
     ] = False,
 ) -> None:
     """``hyperct model demo [OUT]`` (imports training lazily: it trains)."""
-    from rich.console import Console
-
+    from app.commands.output import output_console
     from training.demo_model import build_demo_model
 
-    console = Console()
+    console = output_console()
     model = build_demo_model(out, seed=seed, force=force)
     how = "reused (up to date)" if model.cached else f"built in {model.seconds:.0f} s"
     aurocs = ", ".join(f"{k} {'—' if v is None else f'{v:.3f}'}" for k, v in model.validation_auroc.items())

@@ -21,6 +21,12 @@ HELP = (
     "and never resends delivered ones). Exit codes: 0 done (see errors.csv), 1 error, failed "
     "studies or results not delivered, 2 bad usage, 130 interrupted. Research use only."
 )
+SHORT_HELP = "Reprocess an archive (or a PACS query) into per-study results and findings tables."
+EXAMPLES = """Examples:
+  hyperct process /archive out/          # every study; rerun to resume
+  hyperct process archive.zip out/ --from 2024-01-01 --modality CT -w 2
+  hyperct process out/ --from-pacs PACS@pacs.example:104 --study @uids.txt
+  hyperct process /archive out/ --send-to PACS@pacs.example:104"""
 
 
 def _date(value: str | None) -> str:
@@ -56,7 +62,8 @@ def process(
         None,
         "--model",
         "-m",
-        help="Model folder with manifest.json [default: $HOLOSCAN_MODEL_PATH or ./models].",
+        show_default="$HOLOSCAN_MODEL_PATH, else ./models",
+        help="Model folder with manifest.json, or a models root holding hyperct/ (`hyperct model demo` makes one).",
     ),
     config: Path = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="app.yaml to use."),
     workers: int = typer.Option(
@@ -197,13 +204,13 @@ def process(
 
 def print_report(report: object) -> None:
     """What was found, skipped, done and where the tables are."""
-    from rich.console import Console
     from rich.table import Table
 
-    from app.batch.runner import BatchReport
+    from app.batch.runner import RATE_BASIS, BatchReport, format_rate
+    from app.commands.output import output_console
 
     assert isinstance(report, BatchReport)
-    console = Console()
+    console = output_console()
     if report.index is not None:
         idx = report.index
         console.print(
@@ -221,8 +228,12 @@ def print_report(report: object) -> None:
         console.print(f"filtered out: {n} study(ies): {reason}")
     if report.already_done:
         console.print(f"already in the ledger (skipped; --force to redo): {report.already_done}")
-    done = ", ".join(f"{n} {k}" for k, n in sorted(report.outcomes.items())) or "nothing to do"
-    console.print(f"this run: {done} in {report.seconds:.1f} s ({report.studies_per_hour:,.0f} studies/h)")
+    done = ", ".join(f"{n} {k}" for k, n in sorted(report.outcomes.items()))
+    if done:  # the progress bar's rate, on the same basis (app.batch.runner.studies_per_hour)
+        rate = f"{format_rate(report.studies_per_hour)} ({RATE_BASIS})"
+        console.print(f"this run: {done} in {report.seconds:.1f} s: {rate}", highlight=False)
+    else:
+        console.print("this run: nothing to do")
     if report.sends is not None:
         sent, pending, failed = (report.sends.get(k, 0) for k in ("sent", "pending", "failed"))
         hint = (

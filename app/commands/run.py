@@ -24,6 +24,12 @@ HELP = (
     "under OUT/<StudyInstanceUID>/ plus OUT/outcome.json. Exit codes: 0 processed, 3 no eligible "
     "series (nothing to do; see outcome.json), 1 error, 2 bad usage. Research use only."
 )
+SHORT_HELP = "Run HyperCT on the DICOM study (or studies) in folder IN; results under OUT."
+EXAMPLES = """Examples:
+  hyperct model demo                   # once: the demo model in ./models
+  hyperct run study/ out/              # -m: $HOLOSCAN_MODEL_PATH or ./models
+  hyperct run study/ out/ -m models/hyperct -q
+  hyperct run study/ out/ -c app.yaml  # series selection, outputs, inference"""
 DEFAULT_MODELS = Path("models")
 MODEL_HINT = (
     "pass -m MODEL_FOLDER, or build the synthetic demo model with `hyperct model demo` (writes ./models/hyperct)"
@@ -72,10 +78,11 @@ def load_app_config(path: Path | None) -> AppConfig:
 
 def print_findings(output: Path, summaries: list[dict]) -> None:
     """A findings table per processed study (from results.json) and the reason for the others."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from app.commands.output import output_console
+
+    console = output_console()
     for s in summaries:
         uid = s["study_instance_uid"] or "(no study)"
         if s["outcome"] != "processed":
@@ -93,6 +100,8 @@ def print_findings(output: Path, summaries: list[dict]) -> None:
             finding = "[bold red]present[/bold red]" if t["decision"] == "present" else "absent"
             table.add_row(t["name"], t["group"], f"{t['probability']:.3f}", f"{t['threshold']:.3f}", finding)
         console.print(table)
+        if model.get("not_covered"):
+            console.print(f"not covered by this model (not assessed): {', '.join(model['not_covered'])}")
         console.print("files: " + ", ".join(f"{k}={v}" for k, v in s["files"].items()))
 
 

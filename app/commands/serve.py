@@ -25,6 +25,12 @@ HELP = (
     "HYPERCT_NODE_<SECTION>_<KEY> environment variables, then these options. SIGTERM stops "
     "gracefully. Research use only."
 )
+SHORT_HELP = "Run the DICOM node: receive studies (C-STORE), run HyperCT, send SR + SEG back."
+EXAMPLES = """Examples:
+  hyperct serve -c node.yaml                 # settings: docs/node.md
+  hyperct serve -c node.yaml --print-config  # the effective settings
+  hyperct serve -m models --allow MODALITY -d PACS@pacs.example:104
+  HYPERCT_NODE_RECEIVER_PORT=11113 hyperct serve -c node.yaml"""
 
 
 def serve(

@@ -22,6 +22,13 @@ HELP = (
     "Defaults: 160 slices of 512x512 (~2 mm spacing over 320 mm, 0.75 mm pixels), HFS, explicit VR LE."
 )
 
+SHORT_HELP = "Generate synthetic chest CT studies (DICOM) with planted findings and their labels."
+EXAMPLES = """Examples:
+  hyperct synth study/                          # one study, no findings
+  hyperct synth study/ -f cardiomegaly -f pleural_effusion --slices 80
+  hyperct synth data/ --studies 20 --random-findings --prevalence 0.3 -j 2
+  hyperct synth study/ -t jpeg-ls --extra scout,thick"""
+
 FINDING_CHOICES = (
     "lung_nodule, lung_opacity, consolidation, atelectasis, pleural_effusion, pericardial_effusion, cardiomegaly, "
     "emphysema, coronary_artery_wall_calcification, arterial_wall_calcification, hiatal_hernia, medical_material"
@@ -189,15 +196,15 @@ def synth(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary table.")] = False,
 ) -> None:
     """Generate synthetic chest CT DICOM studies."""
-    from rich.console import Console
     from rich.table import Table
 
+    from app.commands.output import output_console
     from synth.dataset import DatasetConfig, generate_dataset, parse_prevalence, summary_rows
     from synth.findings import FindingPlacementError
     from synth.geometry import PatientPosition
     from synth.study import StudyConfig
 
-    console = Console(stderr=False)
+    console = output_console()
     single_only = {
         "--patient-name": patient_name,
         "--patient-id": patient_id,

@@ -25,7 +25,8 @@ from typing import Annotated, Any
 
 import typer
 
-from app.commands.training_extra import needs_training_extra
+from app.commands.training_extra import needs_training_extra, require_checkpoint
+from app.commands.usage import OUT_OPTION_HELP, positional_or_option
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,21 @@ TRAIN_HELP = (
     "Train HyperCT (one valid task per scan per step, BCE, AdamW, cosine per epoch; best epoch by mean "
     "validation AUROC). Writes best.pt, last.pt, metrics.csv, config.yaml, splits.csv and the "
     "validation predictions used for thresholds. Several GPUs: torchrun --nproc_per_node N -m app.cli "
-    "train RECIPE --out RUN. See docs/training.md."
+    "train RECIPE OUT. See docs/training.md."
 )
+TRAIN_SHORT_HELP = "Train HyperCT from a recipe (synthetic phantoms, CT-RATE, or DICOM + labels)."
+TRAIN_EXAMPLES = """Examples:
+  hyperct train demo runs/demo              # synthetic phantoms, CPU, minutes
+  hyperct train demo runs/demo --epochs 2 --set optimizer.lr=1e-3
+  hyperct train ctrate runs/ctrate --set data.root=/data/CT-RATE/dataset
+  hyperct train ctrate runs/ctrate --resume  # continue after a crash
+  hyperct train my-recipe.yaml runs/site"""
 EVALUATE_HELP = (
     "Evaluate a checkpoint on DATA (a run config/recipe YAML: its test split; or a DICOM folder with "
     "labels.csv: every study). Writes metrics.json, report.md, ROC plots, predictions.csv and "
     "thresholds.json (picked on validation predictions)."
 )
+EVALUATE_SHORT_HELP = "Evaluate a checkpoint: AUROC with CIs, thresholds, ROC plots, report.md."
 BASELINES_HELP = (
     "Train and evaluate the HPS multi-task and single-task LoRA baselines on the recipe's split and "
     "budget; writes comparison.md (with HyperCT when --hyperct is given)."
@@ -66,10 +75,30 @@ class Split(str, Enum):
     default = "default"
 
 
-RecipeArg = Annotated[
-    str,
-    typer.Argument(help="Recipe: a bundled name (demo, paper, ctrate, dicom) or a YAML file."),
-]
+
+
+def bundled_recipes() -> list[str]:
+    """The recipes shipped in ``training/recipes`` (what ``train --help`` lists), found without
+    importing ``training`` (torch); none where the training side is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("training")
+    except (ImportError, ValueError):  # a finder that refuses it: not installed, as for None
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted({p.stem for root in spec.submodule_search_locations for p in Path(root, "recipes").glob("*.yaml")})
+
+
+def _recipe_help() -> str:
+    names = bundled_recipes()
+    bundled = f"a bundled name ({', '.join(names)})" if names else "a bundled name (none installed)"
+    return f"Recipe: {bundled} or a YAML file."
+
+
+RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help=_recipe_help())]
+OutOption = Annotated[Path | None, typer.Option("--out", "-o", hidden=True, help=OUT_OPTION_HELP)]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set optimizer.lr=1e-3 (repeatable)."),
@@ -98,10 +127,23 @@ def _flags(device: Device | None, **values: Any) -> list[str]:
     return out
 
 
+def _required_out(out: Path | None, out_option: Path | None, usage: str) -> Path:
+    """OUT as the positional argument or the older ``-o/--out``; missing is a usage error."""
+    folder = positional_or_option(out, out_option)
+    if folder is None:
+        raise typer.BadParameter(f"give the output folder: {usage}")
+    return folder
+
+
 @needs_training_extra("hyperct train")
 def train(
     recipe: RecipeArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints, metrics, config).")],
+    out: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="OUT", show_default=False, help="Run folder (checkpoints, metrics, config). Required."
+        ),
+    ] = None,
     set_: SetOpt = None,
     device: DeviceOpt = None,
     precision: Annotated[
@@ -120,12 +162,12 @@ def train(
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     verbose: VerboseOpt = False,
+    out_option: OutOption = None,
 ) -> None:
     """Typer wrapper around ``training.train.train``; prints a JSON summary."""
+    out = _required_out(out, out_option, "hyperct train RECIPE OUT")
     _logging(verbose)
     from training.config import ConfigError, load_config
-    from training.data import DataError
-    from training.train import train as run_train
 
     overrides = list(set_ or [])
     overrides += _flags(
@@ -139,8 +181,14 @@ def train(
         overrides.append("data.skip_bad=true")
     if no_progress:
         overrides.append("progress=false")
-    try:
+    try:  # the recipe and --set first: a mistake there is a second, not torch's import (≈ 5 s)
         cfg = load_config(recipe, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    from training.data import DataError
+    from training.train import train as run_train
+
+    try:
         result = run_train(cfg, out, resume=resume)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         raise _fail(exc) from None
@@ -163,13 +211,17 @@ def train(
 
 @needs_training_extra("hyperct evaluate")
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint (best.pt of a run).")],
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint (best.pt of a run).")],
     data: Annotated[
         str,
-        typer.Argument(help="Run config / recipe YAML (its test split) or a DICOM folder with labels.csv."),
+        typer.Argument(
+            metavar="DATA",
+            help="Run config / recipe YAML (its test split) or a DICOM folder with labels.csv.",
+        ),
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Report folder (default: CHECKPOINT dir/eval).")
+        Path | None,
+        typer.Argument(metavar="OUT", show_default=False, help="Report folder (default: CHECKPOINT's folder/eval)."),
     ] = None,
     split: Annotated[
         Split, typer.Option("--split", help="Split to evaluate (default: test; all for a folder).")
@@ -191,8 +243,11 @@ def evaluate(
     ] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="No ROC PNGs.")] = False,
     verbose: VerboseOpt = False,
+    out_option: OutOption = None,
 ) -> None:
     """Typer wrapper around ``training.evaluate.evaluate_checkpoint``; prints the means as JSON."""
+    out = positional_or_option(out, out_option)
+    require_checkpoint(checkpoint)
     _logging(verbose)
     from training.config import ConfigError
     from training.data import DataError
@@ -221,7 +276,12 @@ def evaluate(
 @needs_training_extra("hyperct baselines")
 def baselines(
     recipe: RecipeArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one sub-folder per method).")],
+    out: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="OUT", show_default=False, help="Output folder (one sub-folder per method). Required."
+        ),
+    ] = None,
     hyperct: Annotated[
         Path | None,
         typer.Option("--hyperct", help="HyperCT checkpoint or run folder to include in the table."),
@@ -234,11 +294,18 @@ def baselines(
     set_: SetOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
+    out_option: OutOption = None,
 ) -> None:
     """Typer wrapper around ``training.baselines.run_baselines``; prints the comparison table."""
+    out = _required_out(out, out_option, "hyperct baselines RECIPE OUT")
     _logging(verbose)
-    from training.baselines import METHODS, run_baselines
     from training.config import ConfigError, load_config
+
+    try:  # the recipe and --set before torch's import (≈ 5 s)
+        cfg = load_config(recipe, list(set_ or []) + _flags(device))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise _fail(exc) from None
+    from training.baselines import METHODS, run_baselines
     from training.data import DataError
 
     chosen = [p.strip() for v in (methods or list(METHODS)) for p in v.split(",") if p.strip()]
@@ -246,7 +313,6 @@ def baselines(
     if bad:
         raise typer.BadParameter(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     try:
-        cfg = load_config(recipe, list(set_ or []) + _flags(device))
         res = run_baselines(cfg, out, methods=chosen, hyperct_checkpoint=hyperct, n_bootstrap=bootstrap)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         raise _fail(exc) from None

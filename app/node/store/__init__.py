@@ -147,7 +147,7 @@ class NodeStore:
             "errors": self.journal.error_count(),
         }
 
-    def purge(self, *, older_than_s: float, states: tuple[str, ...] = ("done", "not_processed", "failed", "superseded"),
+    def purge(self, *, older_than_s: float, states: tuple[str, ...] = ("done", "not-processed", "failed", "superseded"),
               now: float | None = None) -> dict[str, list[int]]:  # fmt: skip
         """Forget finished studies last updated more than ``older_than_s`` ago, in one transaction.
         Returns ``{study_uid: [job ids]}`` (the caller removes their spool and result folders)."""

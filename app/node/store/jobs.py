@@ -1,4 +1,4 @@
-"""Jobs: one pipeline run of a study's generation, ``queued → running → done | not_processed |
+"""Jobs: one pipeline run of a study's generation, ``queued → running → done | not-processed |
 failed | superseded``, and the study states that go with a run (``complete → processing → sending
 → done``). A finished job queues its outputs in the outbox in the same transaction.
 
@@ -16,8 +16,10 @@ from app.node.store.db import Database, StateError
 from app.node.store.journal import Journal
 from app.node.store.outbox import OutboxItem, OutboxStore
 
-#: Every state a job can be in (``hyperct jobs list --state`` accepts these and no other).
-JOB_STATES = ("queued", "running", "done", "not_processed", "failed", "superseded")
+#: Every state a job can be in (``hyperct jobs list --state`` accepts these, ``not_processed`` too, no other).
+#: ``not-processed`` is spelt as the run's outcome (outcome.json, results.json), which :meth:`JobStore.finish`
+#: stores as the state; ``not_processed`` was the spelling of these constants only, so it matched no row.
+JOB_STATES = ("queued", "running", "done", "not-processed", "failed", "superseded")
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class JobStore:
                destinations: list[str], *, now: float | None = None) -> str:  # fmt: skip
         """Record a finished pipeline run and queue its outputs ``(sop_uid, path)`` for every destination.
 
-        Returns the job's final state (``done``, ``not_processed``, ``failed`` or ``superseded`` when a
+        Returns the job's final state (``done``, ``not-processed``, ``failed`` or ``superseded`` when a
         late arrival or a quarantine overtook the run)."""
         now = self.db.clock() if now is None else now
         with self.db.transaction() as db:
@@ -152,7 +154,7 @@ class JobStore:
             if failed_sends:
                 db.execute("UPDATE studies SET state='sending', updated_at=? WHERE study_uid=?", (now, row["study_uid"]))
                 return f"{failed_sends} send(s) re-queued"
-            if row["state"] not in ("failed", "not_processed", "superseded", "done"):
+            if row["state"] not in ("failed", "not-processed", "superseded", "done"):
                 raise StateError(f"job {job_id} is {row['state']}; only finished jobs can be retried")
             study = db.execute("SELECT * FROM studies WHERE study_uid=?", (row["study_uid"],)).fetchone()
             if study["state"] in ("receiving", "complete", "processing"):

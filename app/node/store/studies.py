@@ -3,7 +3,7 @@
 Study states::
 
     receiving ──quiet period──▶ complete (job queued) ──▶ processing ──▶ sending ──▶ done
-        │  only non-CT instances ─▶ stored             └▶ not_processed | failed
+        │  only non-CT instances ─▶ stored             └▶ not-processed | failed
         └─ conflicting PatientID/issuer ─▶ quarantined (never processed)
 
 A CT instance arriving after ``receiving`` follows the late-arrival policy: ``reprocess`` puts the
@@ -26,7 +26,7 @@ from app.node.store.journal import Journal
 logger = logging.getLogger(__name__)
 
 #: Study states after which a CT instance is a *late arrival*.
-AFTER_RECEIVING = ("complete", "processing", "sending", "done", "not_processed", "failed")
+AFTER_RECEIVING = ("complete", "processing", "sending", "done", "not-processed", "failed")
 
 
 @dataclass(frozen=True)
