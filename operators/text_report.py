@@ -68,6 +68,8 @@ def _summary(result: StudyResult) -> list[str]:
         "Probabilities are model outputs (not calibrated risks); a finding is PRESENT when its probability "
         "is at or above the task's operating threshold."
     )
+    if result.model.not_covered:
+        lines.append(f"Not covered by this model (not assessed, not absent): {', '.join(result.model.not_covered)}.")
     return lines
 
 

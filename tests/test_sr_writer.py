@@ -376,6 +376,19 @@ def test_text_sr_lines(written: dict[str, Path], result: StudyResult) -> None:
     assert {i.ValueType for i in _walk(ds)} <= {"TEXT", "CODE", "UIDREF", "CONTAINER"}
 
 
+def test_tasks_the_model_does_not_cover_are_named_not_absent(series: CTSeries, result: StudyResult) -> None:
+    """A model of a few tasks (the demo model) must not read as 'the other tasks are absent'."""
+    kept = result.tasks[:2]
+    dropped = tuple(t.name for t in result.tasks[2:])
+    assert dropped
+    partial = replace(result, tasks=kept, model=replace(result.model, not_covered=dropped))
+    texts = _texts(build_text_sr(partial, series.datasets))
+    assert f"Not covered by this model (not assessed, not absent): {', '.join(dropped)}." in texts
+    assert not [t for t in texts if t.startswith(tuple(f"{name} -" for name in dropped))]
+    assert json.loads(partial.to_json())["model"]["not_covered"] == list(dropped)
+    assert not any("Not covered" in t for t in _texts(build_text_sr(result, series.datasets)))
+
+
 # -- results.json ----------------------------------------------------------------------------------
 
 

@@ -82,6 +82,18 @@ Progress = Callable[[int, int, str], None]
 """``progress(done, total, task_key)``: called after each written task (merged) or the graph (factored)."""
 
 
+def _created() -> str:
+    """The manifest's creation time: ``SOURCE_DATE_EPOCH`` when set (reproducible builds: the shipped
+    demo model is rebuilt byte for byte), else now; UTC, whole seconds."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = (
+        _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+        if epoch.isdigit()
+        else _dt.datetime.now(_dt.timezone.utc)
+    )
+    return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
 class ExportError(RuntimeError):
     """The export cannot proceed; the message says why (task, file or option)."""
 
@@ -681,10 +693,7 @@ def export_model(
             "schema_version": SCHEMA_VERSION,
             "name": name,
             "version": version,
-            "created": _dt.datetime.now(_dt.timezone.utc)
-            .replace(microsecond=0)
-            .isoformat()
-            .replace("+00:00", "Z"),
+            "created": _created(),
             "format": fmt,
             "precision": precision,
             "synthetic": bool(synthetic),
@@ -694,6 +703,9 @@ def export_model(
             "inputs": inputs,
             "outputs": outputs,
             "tasks": task_entries,
+            # the registry's tasks this model does not predict: results list them as "not covered",
+            # so that a model of 6 tasks never reads as "the other 19 are absent"
+            "not_covered": [{"key": t.key, "name": t.name} for t in registry if t.key not in keys],
             "coding_schemes": [s for s in registry.coding_schemes_for_manifest() if s["designator"] in used],
             "licences": _licences(model, train_data, work, synthetic),
             "training_data": train_data,
