@@ -14,7 +14,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup peers demo test test-gpu lint lock clean map
+.PHONY: help setup peers demo demo-model test test-gpu lint lock clean map
+.PHONY: viewer-setup viewer-test
+.PHONY: map-image map-test
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,9 +38,22 @@ peers:  ## Install DCMTK, dicom3tools and Orthanc with apt-get (as root, when mi
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends dcmtk dicom3tools orthanc >/dev/null; \
 	else echo "peers: missing$$missing; run 'sudo make peers' or apt-get install dcmtk dicom3tools orthanc" >&2; exit 1; fi
+	@# The console's browser test (tests/test_web_browser.py) drives Debian's chromium through the playwright package.
+	@if command -v chromium >/dev/null 2>&1; then echo "peers: chromium is installed"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "peers: installing chromium"; export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "peers: missing chromium; run 'sudo make peers' or apt-get install chromium" >&2; exit 1; fi
 
 demo: setup peers  ## Run the end-to-end demo on the embedded default
 	$(BIN)/python -m app.demo
+
+# The demo model is shipped in models/demo (so `make demo` trains nothing). This rebuilds it from the
+# recipe: same code, torch and CPU kind → the same bytes (`git status models/demo` shows any change).
+# SOURCE_DATE_EPOCH pins the manifest's `created` (reproducible-builds.org convention): the date the
+# shipped model was released (2026-12-05); move it when the recipe changes.
+DEMO_MODEL_EPOCH ?= 1796428800
+demo-model: setup  ## Rebuild the shipped demo model in models/demo (about 15-20 min on 2 cores)
+	SOURCE_DATE_EPOCH=$(DEMO_MODEL_EPOCH) $(BIN)/python -m app.cli model demo models/demo --force
 
 # `make test` runs in parallel (pytest-xdist): whole modules to each worker (their module fixtures are
 # built once), longest first (tests/conftest.py). More workers than cores: many tests wait on peers,
@@ -50,10 +65,38 @@ test: setup peers  ## Run the whole test suite (unit + real peers)
 test-gpu: setup  ## Run only the GPU tests (on a host with a CUDA GPU and the gpu extra)
 	$(BIN)/python -m pytest -m gpu
 
+# The OHIF check (viewer/README.md): OHIF v3's prebuilt app and playwright-core from npm, pinned with
+# their integrity in viewer/package-lock.json; Orthanc's DICOMweb plugin and Chromium from Debian.
+# Everything is downloaded here; `make viewer-test` downloads nothing and fails when a piece is missing.
+VIEWER_DEBS := orthanc orthanc-dicomweb chromium chromium-driver
+viewer-setup:  ## Install what viewer-test needs: Debian orthanc-dicomweb + chromium (as root), npm ci in viewer/
+	@command -v node >/dev/null && command -v npm >/dev/null || { echo "viewer-setup: Node.js >= 20 with npm is required" >&2; exit 1; }
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || { echo "viewer-setup: Node.js >= 20 is required (playwright-core), found $$(node --version)" >&2; exit 1; }
+	@missing=""; for p in $(VIEWER_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "viewer-setup: $(VIEWER_DEBS) are installed"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "viewer-setup: installing$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "viewer-setup: missing$$missing; run 'sudo make viewer-setup' or apt-get install$$missing" >&2; exit 1; fi
+	cd viewer && npm ci --ignore-scripts --no-audit --no-fund
+
+viewer-test: setup  ## Open our SR, SEG and maps in OHIF v3 (headless Chromium, Orthanc DICOMweb); after viewer-setup
+	$(BIN)/python -m pytest -m viewer
+
 MODELS  ?= models/hyperct
 VARIANT ?= cpu
 map: setup  ## Package the MAP (MODELS=models/hyperct VARIANT=cpu|gpu); no Docker: build context in dist/
 	$(BIN)/python packaging/build_map.py --models $(MODELS) --variant $(VARIANT)
+
+# The MAP image for real, without a Docker daemon or a registry (docs/deploy.md, "Built and run here"):
+# buildah (apt-get) on a Debian base bootstrapped with debootstrap. As root; needs the Debian mirror and
+# PyPI. The demo model is built into MODELS when missing (minutes). Artefacts: dist/map-*, buildah storage.
+map-image: setup peers  ## Build the MAP image with buildah on a local Debian base (root; no Docker, no registry)
+	$(BIN)/python packaging/map_image.py build --models $(MODELS)
+
+map-test: setup peers  ## Build the MAP image, run it as MAP runners, mercure and `hyperct serve` do, dciodvfy
+	HYPERCT_MAP_MODELS="$(abspath $(MODELS))" $(BIN)/python -m pytest -m map_image -p no:xdist tests/test_map_image.py
 
 lint: setup  ## ruff + mypy
 	$(BIN)/ruff check app operators training tests benchmarks

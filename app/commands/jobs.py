@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,13 +147,10 @@ def purge(
     include_failed: bool = typer.Option(False, "--include-failed", help="Also forget failed studies (they are kept by default)."),
 ) -> None:  # fmt: skip
     """Forget finished studies: rows, spool and results folders."""
+    from app.node.retention import purge_finished
+
     state, cfg = _state(config, data_dir)
-    states = ("done", "not-processed", "stored", *(("failed",) if include_failed else ()))
-    forgotten = state.purge(older_than_s=older_than_days * 86400.0, states=states)
-    for uid, job_ids in forgotten.items():
-        shutil.rmtree(cfg.data_path / "spool" / uid, ignore_errors=True)
-        for jid in job_ids:
-            shutil.rmtree(cfg.data_path / "results" / str(jid), ignore_errors=True)
+    forgotten = purge_finished(state, cfg.data_path, older_than_days=older_than_days, include_failed=include_failed)
     typer.echo(f"purged {len(forgotten)} study(ies)")
 
 

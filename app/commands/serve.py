@@ -29,6 +29,7 @@ SHORT_HELP = "Run the DICOM node: receive studies (C-STORE), run HyperCT, send S
 EXAMPLES = """Examples:
   hyperct serve -c node.yaml                 # settings: docs/node.md
   hyperct serve -c node.yaml --print-config  # the effective settings
+  hyperct serve -c node.yaml --web           # console on 127.0.0.1:8080
   hyperct serve -m models --allow MODALITY -d PACS@pacs.example:104
   HYPERCT_NODE_RECEIVER_PORT=11113 hyperct serve -c node.yaml"""
 
@@ -51,6 +52,8 @@ def serve(
     retention: str = typer.Option(None, "--retention", help="Spool after results are delivered: delete | keep (setting spool.retention, keep)."),
     keep_days: float = typer.Option(None, "--keep-days", help="With --retention keep: days before removal, 0 = forever (setting spool.keep-days, 7)."),
     health_port: int = typer.Option(None, "--health-port", help="HTTP /healthz /readyz /metrics port, 0 = off (setting health.port, 8081)."),
+    web: bool = typer.Option(None, "--web/--no-web", help="Serve the operator console and DICOMweb STOW-RS (setting web.enabled, off). See docs/web.md."),
+    web_port: int = typer.Option(None, "--web-port", help="Console and STOW-RS port (setting web.port, 8080); bound to web.bind, 127.0.0.1."),
     log_level: str = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING, ERROR (setting logging.level, INFO)."),
     log_json: bool = typer.Option(None, "--log-json/--log-text", help="One JSON object per log line (setting logging.json, off). Logs carry UIDs, never patient names."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the effective settings as YAML and exit."),
@@ -76,6 +79,8 @@ def serve(
         "spool.retention": retention,
         "spool.keep_days": keep_days,
         "health.port": health_port,
+        "web.enabled": web,
+        "web.port": web_port,
         "logging.level": log_level,
         "logging.json": log_json,
     }

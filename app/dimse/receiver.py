@@ -133,6 +133,11 @@ class ReceiverOptions(Settings):
     max_associations: int = Field(default=16, ge=1)
     tls: TlsConfig = TlsConfig()
 
+    def admits(self, calling_ae: str, host: str) -> bool:
+        """Whether ``calling_ae`` at ``host`` may store here: the allow-list of C-STORE, also asked
+        for a DICOMweb STOW-RS request (which stands for a configured calling AE)."""
+        return self.accept_any_caller or any(c.matches(calling_ae, host) for c in self.allowed_callers)
+
 
 @dataclass(frozen=True)
 class ReceivedInstance:
@@ -175,6 +180,65 @@ class InstanceStore(Protocol):
         """Keep a note of an instance that could not be stored (must not raise)."""
 
 
+@dataclass(frozen=True)
+class StoreOutcome:
+    """The answer to one instance: its status (the C-STORE status, also a STOW-RS FailureReason),
+    what could be read of its identity (empty when nothing could), and why it failed."""
+
+    status: int
+    sop_class_uid: str = ""
+    sop_uid: str = ""
+    message: str = ""
+
+
+def store_encoded(store: InstanceStore, raw: bytes, *, transfer_syntax: str, calling_ae: str,
+                  request_uid: str | None = None, counters: Counter | None = None) -> StoreOutcome:  # fmt: skip
+    """Store one encoded instance (file meta + dataset, as received) under the receiver's rules:
+    header parsed (no pixels), identity checked, durable in ``store`` before success; counted.
+
+    The one path of C-STORE and DICOMweb STOW-RS, so both give the same answers: 0xC210 for an
+    instance that cannot be understood (or whose SOP Instance UID is not ``request_uid``), 0xA700
+    when the store fails (nothing recorded), 0xC212 for a SOP Instance UID of another study."""
+    counters = counters if counters is not None else Counter()
+    try:
+        header = read_header(raw)
+        sop_class, sop_uid = str(header.get("SOPClassUID", "")), str(header.get("SOPInstanceUID", ""))
+    except Exception as exc:  # noqa: BLE001 - any parse problem is this instance's failure only
+        header, sop_class, sop_uid = None, "", request_uid or ""
+        problem: Exception | None = exc
+    else:
+        problem = None
+    instance: ReceivedInstance | None = None
+    if header is not None:
+        try:
+            instance = describe_instance(header, transfer_syntax, calling_ae)
+            if request_uid is not None and instance.sop_uid != request_uid:
+                raise ValueError(f"dataset SOPInstanceUID {instance.sop_uid} differs from the request's {request_uid}")
+            store.check(instance)
+        except Exception as exc:  # noqa: BLE001
+            problem = exc
+    if problem is not None or instance is None:
+        counters["instances_failed"] += 1
+        logger.warning("instance %s from %s not understood: %s", sop_uid or "?", calling_ae, problem)
+        store.note_error("receive", f"cannot understand instance: {problem}", None, sop_uid or None)
+        return StoreOutcome(CANNOT_UNDERSTAND, sop_class, sop_uid, f"cannot understand instance: {problem}")
+    try:
+        result = store.put(instance, raw)
+    except Exception as exc:  # noqa: BLE001 - disk or database full, I/O error: never success
+        counters["instances_failed"] += 1
+        logger.error("cannot store %s of study %s: %s", instance.sop_uid, instance.study_uid, exc)
+        return StoreOutcome(OUT_OF_RESOURCES, sop_class, sop_uid, f"cannot store: {exc}")
+    if result.status == "conflict":
+        counters["instances_failed"] += 1
+        logger.error("%s", result.message)
+        return StoreOutcome(UID_CONFLICT, sop_class, sop_uid, result.message)
+    counters["instances_received"] += 1
+    counters[f"instances_{result.status}"] += 1
+    logger.debug("stored %s (%s) of study %s from %s", instance.sop_uid, result.status, instance.study_uid,
+                 calling_ae)  # fmt: skip
+    return StoreOutcome(SUCCESS, sop_class, sop_uid)
+
+
 class StoreHandler:
     """``EVT_C_STORE``: the store makes it durable, then we answer; see the module docstring."""
 
@@ -187,30 +251,15 @@ class StoreHandler:
         request_uid = str(event.request.AffectedSOPInstanceUID)
         try:
             raw = event.encoded_dataset(include_meta=True)
-            instance = describe_instance(read_header(raw), str(event.context.transfer_syntax), calling_ae)
-            if instance.sop_uid != request_uid:
-                raise ValueError(f"dataset SOPInstanceUID {instance.sop_uid} differs from the request's {request_uid}")
-            self.store.check(instance)
-        except Exception as exc:  # noqa: BLE001 - any parse problem is this instance's failure only
+        except Exception as exc:  # noqa: BLE001
             self.counters["instances_failed"] += 1
             logger.warning("instance %s from %s not understood: %s", request_uid, calling_ae, exc)
             self.store.note_error("receive", f"cannot understand instance: {exc}", None, request_uid)
             return CANNOT_UNDERSTAND
-        try:
-            result = self.store.put(instance, raw)
-        except Exception as exc:  # noqa: BLE001 - disk or database full, I/O error: never success
-            self.counters["instances_failed"] += 1
-            logger.error("cannot store %s of study %s: %s", instance.sop_uid, instance.study_uid, exc)
-            return OUT_OF_RESOURCES
-        if result.status == "conflict":
-            self.counters["instances_failed"] += 1
-            logger.error("%s", result.message)
-            return UID_CONFLICT
-        self.counters["instances_received"] += 1
-        self.counters[f"instances_{result.status}"] += 1
-        logger.debug("stored %s (%s) of study %s from %s", instance.sop_uid, result.status, instance.study_uid,
-                     calling_ae)  # fmt: skip
-        return SUCCESS
+        return store_encoded(
+            self.store, raw, transfer_syntax=str(event.context.transfer_syntax), calling_ae=calling_ae,
+            request_uid=request_uid, counters=self.counters,
+        ).status  # fmt: skip
 
 
 def read_header(source: Any) -> Any:
@@ -263,9 +312,7 @@ class DicomReceiver:
         if called != self.options.ae_title:
             why = f"called AE {called!r} is not ours ({self.options.ae_title!r})"
             self._reject(event, CALLED_AE_UNKNOWN, why, calling, host)
-        elif not self.options.accept_any_caller and not any(
-            c.matches(calling, host) for c in self.options.allowed_callers
-        ):
+        elif not self.options.admits(calling, host):
             self._reject(event, CALLING_AE_UNKNOWN, "calling AE not in the allow-list", calling, host)
 
     def _reject(self, event: evt.Event, reason: int, why: str, calling: str, host: str) -> None:

@@ -38,6 +38,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_serializer
 from app.dimse.network import AETitle, RemoteNode, TlsConfig
 from app.dimse.receiver import ReceiverOptions
 from app.dimse.sender import RetryPolicy
+from app.web.settings import WebSettings, is_loopback
 from operators.settings import (
     CommaList,
     Settings,
@@ -98,7 +99,9 @@ class SpoolSettings(Settings):
 
 
 class HealthSettings(Settings):
-    """Liveness/readiness and Prometheus metrics over HTTP (stdlib)."""
+    """The probe listener: ``/healthz``, ``/readyz`` and ``/metrics`` only (the web stack of
+    :mod:`app.web`, without the console). Kept apart from ``web`` so a container's probes have a
+    port of their own; when ``web.auth`` is set, ``/readyz`` and ``/metrics`` need it here too."""
 
     section: ClassVar[str] = "health"
 
@@ -138,6 +141,7 @@ class NodeConfig(Settings):
     outbox: OutboxSettings = OutboxSettings()
     spool: SpoolSettings = SpoolSettings()
     health: HealthSettings = HealthSettings()
+    web: WebSettings = WebSettings()
     logging: LoggingSettings = LoggingSettings()
 
     _source: str = PrivateAttr("defaults")
@@ -162,6 +166,12 @@ class NodeConfig(Settings):
             )
         if not self.receiver.allowed_callers and not self.receiver.accept_any_caller:
             found.append("receiver.allowed-callers is empty: every association will be rejected")
+        if self.health.port and not is_loopback(self.health.bind) and not self.web.auth.configured:
+            found.append(
+                f"health.bind {self.health.bind}: /readyz and /metrics (counts, no patient data) answer "
+                "anyone who can reach the port (set web.auth, or bind 127.0.0.1)"
+            )
+        found += self.web.warnings()
         return found
 
     @classmethod

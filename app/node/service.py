@@ -1,6 +1,7 @@
-"""``hyperct serve``: receiver, scheduler, worker, outbox and health endpoint in one process.
+"""``hyperct serve``: receiver, scheduler, worker, outbox and web listeners in one process.
 
-Threads: the pynetdicom server (one thread per association), the outbox, the health server; the
+Threads: the pynetdicom server (one thread per association), the outbox, the probe listener
+(``health:``) and the web listener (``web:``, console and STOW-RS; :mod:`app.web`); the
 **worker runs in the main thread**, because Holoscan applications expect to be run from it and
 because a pipeline run is the one thing that may take long. SIGTERM/SIGINT stop the receiver
 first (no new instances; peers re-send anything not acknowledged), let the running job finish
@@ -9,8 +10,9 @@ outbox finish its current batch, then close the database. Nothing acknowledged i
 because everything acknowledged is already durable.
 
 Before anything is created or listens, :meth:`NodeService.check` finds what would stop the node
-later: a port in use, a model whose manifest does not load, a bad ``app.yaml``. Each is a
-:class:`StartError` whose one line names the setting to change.
+later: a port in use, a model whose manifest does not load, a bad ``app.yaml``, a web listener
+exposed without authentication. Each is a :class:`StartError` whose one line names the setting to
+change.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from app.node.config import NodeConfig
-from app.node.health import HealthServer, prometheus_text
 from app.node.inbox import Inbox
 from app.node.outbox import Outbox
 from app.node.recovery import RecoveryReport, recover
@@ -38,6 +40,7 @@ from app.node.worker import Worker
 
 if TYPE_CHECKING:
     from app.config import AppConfig
+    from app.web.server import WebServer
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,9 @@ class NodeService:
         self.recovery: RecoveryReport | None = None
         self._threads: list[threading.Thread] = []
         self.receiver: Any = None
-        self.health: HealthServer | None = None
+        self.health: WebServer | None = None
+        self.web: WebServer | None = None
+        self._web_store: NodeStore | None = None
         self.app_config: AppConfig | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -72,9 +77,24 @@ class NodeService:
         from operators.manifest import ManifestError, check_model
 
         cfg = self.config
+        problem = cfg.web.problem()
+        if problem is not None:
+            raise StartError(problem)
+        if cfg.web.enabled and cfg.health.port and cfg.web.port == cfg.health.port:
+            raise StartError(
+                f"web.port {cfg.web.port} is health.port too: give one another port, or set health.port 0 "
+                "(the web listener serves /healthz, /readyz and /metrics as well)"
+            )
         _check_port("receiver", cfg.receiver.bind, cfg.receiver.port)
         if cfg.health.port:
             _check_port("health", cfg.health.bind, cfg.health.port)
+        if cfg.web.enabled:
+            _check_port("web", cfg.web.bind, cfg.web.port)
+            if cfg.web.https:
+                try:
+                    cfg.web.tls.server_context()
+                except (ValueError, OSError, ssl.SSLError) as exc:  # unreadable or mismatched TLS files
+                    raise StartError(f"web.tls: {exc}") from None
         try:
             check_model(cfg.worker.model.absolute())
         except ManifestError as exc:
@@ -105,16 +125,12 @@ class NodeService:
             tls=cfg.outbox.tls if cfg.outbox.tls.configured else None,
         )
         rc = cfg.receiver
-        self.receiver = DicomReceiver(rc, Inbox(self.spool, self.store, late_policy=cfg.completion.late_arrivals))
+        inbox = Inbox(self.spool, self.store, late_policy=cfg.completion.late_arrivals)
+        self.receiver = DicomReceiver(rc, inbox)
         with _listening("receiver", rc.bind, rc.port):  # a port taken since check()
             self.receiver.start()
         self._spawn("outbox", self.outbox.run, self.stop_event, cfg.outbox.poll_interval_s)
-        if cfg.health.port:
-            with _listening("health", cfg.health.bind, cfg.health.port):
-                self.health = HealthServer(
-                    cfg.health.bind, cfg.health.port, live=self.live, ready=self.ready, metrics=self.metrics
-                )
-            self.health.start()
+        self._start_web(inbox)
         # The receiver is up first (durable receive needs no model); then the model is loaded once,
         # so the first study does not pay for it.
         from app.pipeline import Pipeline
@@ -128,6 +144,57 @@ class NodeService:
         )
         _ = self.worker.pipeline.runner
         logger.info("node started (data in %s)", self.data_dir)
+
+    def _start_web(self, inbox: Inbox) -> None:
+        """The probe listener and (when enabled) the web listener; both read the state through a
+        connection of their own, as ``hyperct status`` does, so a slow page never holds the
+        receiver's lock. STOW-RS stores through the receiver's inbox and counters."""
+        cfg = self.config
+        if not cfg.health.port and not cfg.web.enabled:
+            return
+        from app.web.app import NodeHandle, probe_app, web_app
+        from app.web.server import WebServer
+
+        self._web_store = NodeStore(self.data_dir / "state.sqlite")
+        node = NodeHandle(
+            store=self._web_store, data_dir=self.data_dir, live=self.live, ready=self.ready,
+            counters=self.receiver.counters, status=self.live_status, warnings=cfg.warnings(),
+            inbox=inbox, receiver=cfg.receiver,
+        )  # fmt: skip
+        if cfg.health.port:
+            with _listening("health", cfg.health.bind, cfg.health.port):
+                self.health = WebServer(probe_app(node, cfg.web), cfg.health.bind, cfg.health.port, name="health")
+            self.health.start()
+            logger.info("probes on http://%s:%d (/healthz /readyz /metrics)", cfg.health.bind, self.health.port)
+        if cfg.web.enabled:
+            with _listening("web", cfg.web.bind, cfg.web.port):
+                try:
+                    self.web = WebServer(web_app(node, cfg.web), cfg.web.bind, cfg.web.port, name="web",
+                                         tls=cfg.web.tls, on_stop=node.closing.set)  # fmt: skip
+                except (ValueError, ssl.SSLError) as exc:  # unreadable or mismatched TLS files
+                    raise StartError(f"web.tls: {exc}") from None
+            self.web.start()
+            logger.info(
+                "web console on %s (auth: %s)", self.web.url,
+                "token/basic" if cfg.web.auth.configured else "none, loopback only",
+            )  # fmt: skip
+
+    def live_status(self) -> dict[str, Any]:
+        """What the console shows that the database does not hold."""
+        rc = self.config.receiver
+        counters = self.receiver.counters if self.receiver is not None else {}
+        worker = getattr(self, "worker", None)
+        return {
+            "receiver": {
+                "ae_title": rc.ae_title, "bind": rc.bind, "port": self.receiver.port if self.receiver else rc.port,
+                "listening": self.ready(), "tls": rc.tls.configured,
+                "received": counters.get("instances_received", 0), "failed": counters.get("instances_failed", 0),
+                "rejected": counters.get("associations_rejected", 0),
+            },
+            "worker": {"ready": worker is not None, "busy_s": None if worker is None or worker.busy_since is None
+                       else time.monotonic() - worker.busy_since},
+            "outbox": {"destinations": [str(d) for d in self.config.outbox.destinations]},
+        }  # fmt: skip
 
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -149,9 +216,6 @@ class NodeService:
         except Exception:  # noqa: BLE001
             return False
         return self.receiver is not None and self.receiver.running and not self.stop_event.is_set()
-
-    def metrics(self) -> str:
-        return prometheus_text(self.store.counts(), dict(self.receiver.counters))
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -197,8 +261,11 @@ class NodeService:
             self.receiver.stop()
         for t in self._threads:
             t.join(timeout=max(60.0, self.config.outbox.timeout_s * 2))
-        if self.health is not None:
-            self.health.stop()
+        for listener in (self.web, self.health):
+            if listener is not None:
+                listener.stop()
+        if self._web_store is not None:
+            self._web_store.close()
         if getattr(self, "worker", None) is not None:
             self.worker.pipeline.close()
         self.store.close()

@@ -147,6 +147,19 @@ class NodeStore:
             "errors": self.journal.error_count(),
         }
 
+    def fingerprint(self) -> tuple[Any, ...]:
+        """A value that changes whenever anything the console shows changes (a study updated, a job
+        or error added or moved on, a send attempted): the console polls this, not the pages."""
+        row = self.db.query(
+            "SELECT (SELECT COUNT(*) || ':' || COALESCE(MAX(updated_at), 0) FROM studies),"
+            " (SELECT COUNT(*) || ':' || COALESCE(MAX(id), 0) || ':' || COALESCE(SUM(attempts), 0)"
+            "  || ':' || COALESCE(SUM(state='running'), 0) || ':' || COALESCE(MAX(finished_at), 0) FROM jobs),"
+            " (SELECT COUNT(*) || ':' || COALESCE(SUM(attempts), 0) || ':' || COALESCE(SUM(state='sent'), 0)"
+            "  || ':' || COALESCE(SUM(state='failed'), 0) FROM outbox),"
+            " (SELECT COALESCE(MAX(id), 0) FROM errors)"
+        )[0]
+        return tuple(row)
+
     def purge(self, *, older_than_s: float, states: tuple[str, ...] = ("done", "not-processed", "failed", "superseded"),
               now: float | None = None) -> dict[str, list[int]]:  # fmt: skip
         """Forget finished studies last updated more than ``older_than_s`` ago, in one transaction.

@@ -166,6 +166,15 @@ class JobStore:
         sql = "SELECT * FROM jobs" + (" WHERE state=?" if state else "") + " ORDER BY id DESC LIMIT ?"
         return [dict(r) for r in self.db.query(sql, (state, limit) if state else (limit,))]
 
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        """One job's row, or None."""
+        rows = self.db.query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return dict(rows[0]) if rows else None
+
+    def for_study(self, study_uid: str) -> list[dict[str, Any]]:
+        """A study's jobs, newest first."""
+        return [dict(r) for r in self.db.query("SELECT * FROM jobs WHERE study_uid=? ORDER BY id DESC", (study_uid,))]
+
     def details(self, job_id: int) -> dict[str, Any]:
         """Everything about one job: the job, its study, attempts, outbox rows, errors."""
         rows = self.db.query("SELECT * FROM jobs WHERE id=?", (job_id,))

@@ -213,6 +213,11 @@ class OutboxStore:
         """Every row, by study and destination (the batch run's ``sends.csv``)."""
         return [dict(r) for r in self.db.query("SELECT * FROM outbox ORDER BY study_uid, destination, id")]
 
+    def recent(self, limit: int = 200, state: str | None = None) -> list[dict[str, Any]]:
+        """The newest rows (of one state), newest first: the console's outbox."""
+        sql = "SELECT * FROM outbox" + (" WHERE state=?" if state else "") + " ORDER BY id DESC LIMIT ?"
+        return [dict(r) for r in self.db.query(sql, (state, limit) if state else (limit,))]
+
     def for_job(self, job_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.query("SELECT * FROM outbox WHERE job_id=? ORDER BY id", (job_id,))]
 

@@ -175,10 +175,17 @@ class StudyStore:
         return jobs
 
     # -- reading ---------------------------------------------------------------------------------
-    def rows(self, state: str | None = None) -> list[dict[str, Any]]:
-        """Studies, oldest first."""
-        sql = "SELECT * FROM studies" + (" WHERE state=?" if state else "") + " ORDER BY first_received"
-        return [dict(r) for r in self.db.query(sql, (state,) if state else ())]
+    def rows(self, state: str | None = None, *, newest_first: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
+        """Studies, oldest first (the console: newest first, at most ``limit``)."""
+        sql = "SELECT * FROM studies" + (" WHERE state=?" if state else "")
+        sql += " ORDER BY first_received" + (" DESC" if newest_first else "") + (" LIMIT ?" if limit else "")
+        params = ((state,) if state else ()) + ((limit,) if limit else ())
+        return [dict(r) for r in self.db.query(sql, params)]
+
+    def get(self, study_uid: str) -> dict[str, Any] | None:
+        """One study's row, or None."""
+        rows = self.db.query("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
+        return dict(rows[0]) if rows else None
 
     def inputs(self, study_uid: str) -> list[tuple[str, str]]:
         """``(sop_uid, spool path)`` of a study's recorded instances, our own outputs excluded: what a
