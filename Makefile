@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup peers demo demo-model test test-gpu lint lock clean map
+.PHONY: help setup peers test-peers demo demo-model test test-gpu lint lock clean map
 .PHONY: viewer-setup viewer-test
 .PHONY: map-image map-test
 
@@ -38,11 +38,17 @@ peers:  ## Install DCMTK, dicom3tools and Orthanc with apt-get (as root, when mi
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends dcmtk dicom3tools orthanc >/dev/null; \
 	else echo "peers: missing$$missing; run 'sudo make peers' or apt-get install dcmtk dicom3tools orthanc" >&2; exit 1; fi
-	@# The console's browser test (tests/test_web_browser.py) drives Debian's chromium through the playwright package.
-	@if command -v chromium >/dev/null 2>&1; then echo "peers: chromium is installed"; \
-	elif [ "$$(id -u)" = 0 ]; then echo "peers: installing chromium"; export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
-	else echo "peers: missing chromium; run 'sudo make peers' or apt-get install chromium" >&2; exit 1; fi
+
+# What only the tests need (not `make demo`, which stays quick): Debian's chromium for the console's
+# browser test (tests/test_web_browser.py, through the playwright package) and Orthanc's DICOMweb
+# plugin (STOW-RS and QIDO/WADO-RS peer: tests/test_web_stow.py, tests/test_batch_dicomweb.py).
+TEST_DEBS := chromium orthanc-dicomweb
+test-peers: peers  ## Install what only the tests need: chromium, orthanc-dicomweb (as root, when missing)
+	@missing=""; for p in $(TEST_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "test-peers: $(TEST_DEBS) are installed"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "test-peers: installing$$missing"; export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "test-peers: missing$$missing; run 'sudo make test-peers' or apt-get install$$missing" >&2; exit 1; fi
 
 demo: setup peers  ## Run the end-to-end demo on the embedded default
 	$(BIN)/python -m app.demo
@@ -59,7 +65,7 @@ demo-model: setup  ## Rebuild the shipped demo model in models/demo (about 15-20
 # built once), longest first (tests/conftest.py). More workers than cores: many tests wait on peers,
 # sleeps and subprocesses. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 4
-test: setup peers  ## Run the whole test suite (unit + real peers)
+test: setup test-peers  ## Run the whole test suite (unit + real peers)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-gpu: setup  ## Run only the GPU tests (on a host with a CUDA GPU and the gpu extra)

@@ -188,10 +188,9 @@ def test_the_c_store_allow_list_applies(tmp_path: Path) -> None:
         assert {r["calling_ae"] for r in node.store.db.query("SELECT calling_ae FROM instances")} == {"WEBPACS"}
 
 
-@pytest.mark.viewer
 @pytest.mark.peers
 def test_orthanc_dicomweb_plugin_sends_a_study_to_the_node(tmp_path: Path) -> None:
-    """Orthanc's DICOMweb plugin (Debian orthanc-dicomweb, `make viewer-setup`) as the STOW-RS client:
+    """Orthanc's DICOMweb plugin (Debian orthanc-dicomweb, `make test-peers`) as the STOW-RS client:
     a PACS pushing a study over DICOMweb, with a bearer token."""
     from tests.peers import Orthanc
     from tests.viewer_server import orthanc_dicomweb_config
