@@ -1,4 +1,4 @@
-"""The learning test's shared setup (no tests here): the demo recipe's data, a held-out set and the
+"""The learning test's shared setup (no tests here): the demo-small recipe's data, a held-out set and the
 label-free warm start, used by tests/test_training_learning.py (the recipe learns) and
 tests/test_training_learning_control.py (permuted labels stay at chance).
 
@@ -39,8 +39,8 @@ IN_MEMORY = 1 << 30  # keep every cached input in memory once read, as the in-me
 
 
 def learning_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The demo recipe's data (rendered once per run, shared by both runs) and a held-out set."""
-    cfg = load_config("demo", ["progress=false"])
+    """The demo-small recipe's data (rendered once per run, shared by both runs) and a held-out set."""
+    cfg = load_config("demo-small", ["progress=false"])
     pre = preprocessing_config(cfg)
     tasks = resolve_tasks(cfg.data, REG)
     t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """`make demo` end to end (minus training the demo model): storescu → node → storescp → dciodvfy → findings.
 
 The demo driver runs exactly as `make demo` does, with the small exported test model passed through
-``HYPERCT_DEMO_MODEL`` so CI does not train; the demo model itself is built by
-``training.demo_model`` (tested in tests/test_demo_model.py).
+``HYPERCT_DEMO_MODEL`` (the shipped demo model is tests/test_demo_shipped.py; how it is built,
+tests/test_demo_model.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ def test_demo_round_trip_through_the_node(tmp_path: Path, model_dir: Path) -> No
     assert "valid" in text and "error(s)" not in text
     assert "Pleural effusion" in text  # the findings table read back from the received SR
     assert "Synthetic demo model" in text
+    # Step 1: the model is checked against its hashes, and what it does not cover is said
+    assert "every file matches its manifest hash" in text and "covers " in text
+    assert "not covered by this model" in text
+    assert "planted in the phantom" in text  # the findings table sets decisions against the phantom
     # Step 8: every key image the node's results.json files list is printed, and exists.
     assert "8. Key images" in text
     listed = [

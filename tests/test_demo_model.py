@@ -22,14 +22,33 @@ from training.saliency import dice, model_space_target
 pytestmark = pytest.mark.slow
 
 QUICK = ("epochs=1", "data.synthetic.n_studies=16", "eval_batch_size=8", "model.pretext.steps=20")
+HELD_OUT = 8
+#: The manifest's ``created`` (reproducible-builds convention): both builds below use it.
+EPOCH = "1700000000"
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "hyperct"
-    model = build_demo_model(out, overrides=QUICK, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SOURCE_DATE_EPOCH", EPOCH)
+        model = build_demo_model(out, overrides=QUICK, progress=False, held_out_studies=HELD_OUT)
     assert not model.cached
     return out
+
+
+def test_a_rebuild_gives_the_same_bytes(demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `make demo-model` promises for the shipped model: same recipe, code and machine kind give
+    the same files, manifest included (fixed thread count in the recipe, seeded everything)."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    again = build_demo_model(tmp_path / "again", overrides=QUICK, progress=False, held_out_studies=HELD_OUT)
+    assert not again.cached
+    files = sorted(p.name for p in demo.iterdir())
+    assert files == sorted(p.name for p in again.path.iterdir())
+    different = [f for f in files if (demo / f).read_bytes() != (again.path / f).read_bytes()]
+    assert not different, f"rebuild differs in {different}"
+    created = json.loads((demo / "manifest.json").read_text())["created"]
+    assert created == "2023-11-14T22:13:20Z"
 
 
 def test_manifest_says_synthetic_demo_not_clinical(demo: Path) -> None:
@@ -60,7 +79,7 @@ def test_thresholds_and_saliency_come_from_validation_data(demo: Path) -> None:
 
 def test_second_build_reuses_the_cache_and_the_key_tracks_inputs(demo: Path) -> None:
     t0 = time.perf_counter()
-    again = build_demo_model(demo, overrides=QUICK, progress=False)
+    again = build_demo_model(demo, overrides=QUICK, progress=False, held_out_studies=HELD_OUT)
     assert again.cached and time.perf_counter() - t0 < 30
     assert demo_key(0, QUICK) != demo_key(1, QUICK) != demo_key(0, ())
 

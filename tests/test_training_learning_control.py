@@ -1,4 +1,4 @@
-"""The learning test's control (issue 3): the demo recipe trained on permuted labels, with the same
+"""The learning test's control (issue 3): the demo-small recipe trained on permuted labels, with the same
 data, budget and warm start as tests/test_training_learning.py, stays at chance on the held-out
 studies (tests/learning_fixtures.py). A module of its own so that pytest-xdist trains both at once.
 """
