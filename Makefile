@@ -90,14 +90,14 @@ viewer-setup:  ## Install what viewer-test needs: Debian orthanc-dicomweb + chro
 viewer-test: setup  ## Open our SR, SEG and maps in OHIF v3 (headless Chromium, Orthanc DICOMweb); after viewer-setup
 	$(BIN)/python -m pytest -m viewer
 
-MODELS  ?= models/hyperct
+MODELS  ?= models/demo
 VARIANT ?= cpu
-map: setup  ## Package the MAP (MODELS=models/hyperct VARIANT=cpu|gpu); no Docker: build context in dist/
+map: setup  ## Package the MAP (MODELS=models/demo VARIANT=cpu|gpu); no Docker: build context in dist/
 	$(BIN)/python packaging/build_map.py --models $(MODELS) --variant $(VARIANT)
 
 # The MAP image for real, without a Docker daemon or a registry (docs/deploy.md, "Built and run here"):
 # buildah (apt-get) on a Debian base bootstrapped with debootstrap. As root; needs the Debian mirror and
-# PyPI. The demo model is built into MODELS when missing (minutes). Artefacts: dist/map-*, buildah storage.
+# PyPI. MODELS defaults to the shipped demo model. Artefacts: dist/map-*, buildah storage.
 map-image: setup peers  ## Build the MAP image with buildah on a local Debian base (root; no Docker, no registry)
 	$(BIN)/python packaging/map_image.py build --models $(MODELS)
 
