@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from operators.manifest import load_manifest, sha256_file
 from operators.preprocessing import PreprocessingConfig
-from training.attention import reference_attention_maps
+from training.attention import AttributedTaskModel, FactoredHyperCTModel, reference_attention_maps
 from training.export import ExportError, WeightSwapper, export_model, read_thresholds, torch_to_onnx
 from training.model import HyperCT, build_hyperct, save_checkpoint
 
@@ -146,9 +146,65 @@ def test_export_refuses_bad_requests(model: HyperCT, exported: Path, tmp_path: P
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
-def test_weight_swapper_refuses_a_graph_it_cannot_map(model: HyperCT) -> None:
-    from training.attention import AttributedTaskModel
+@pytest.mark.parametrize("size", [(144, 144), (160, 128)])
+def test_export_forward_equals_the_transformers_forward(model: HyperCT, size: tuple[int, int]) -> None:
+    """training/export_vit.py (RoPE tables, 2-D tokens, CLS-only last block) is the same function as
+    DINOv3ViTModel's forward: nonzero biases and layer scales, a non-square grid, a padded image."""
+    import copy
 
+    vit = model.merged_backbone(0, attn_implementation="eager")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    head = copy.deepcopy(model.head)
+    images = torch.randn(5, 3, *size, generator=g) * torch.linspace(0.3, 2.5, 5)[:, None, None, None]
+    mask = torch.tensor([True, True, False, True, True])
+    with torch.no_grad():
+        ref = AttributedTaskModel(vit, head)(images, mask)
+        got = AttributedTaskModel(vit, head, image_size=size)(images, mask)
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=0)
+    rows = [0, 2]
+    plain, fused = FactoredHyperCTModel(model, rows), FactoredHyperCTModel(model, rows, image_size=size)
+    for task in range(len(rows)):
+        with torch.no_grad():
+            ref, got = plain(images, mask, torch.tensor([task])), fused(images, mask, torch.tensor([task]))
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="this module is for"):
+        AttributedTaskModel(vit, head, image_size=size)(
+            torch.zeros(1, 3, 96, 96), torch.ones(1, dtype=torch.bool)
+        )
+
+
+def test_exported_graph_has_fused_linears_and_no_rope_chain(model: HyperCT, exported: Path) -> None:
+    """Linears are Gemm (bias inside) on 2-D tokens, RoPE is a table product: none of the split /
+    rotate_half / concat nodes and 3-D MatMul + bias Add that made ORT slower than eager."""
+    from training.lora import find_targets
+
+    graph = onnx.load(str(exported / f"{KEYS[0]}.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    weights = {i.name for i in graph.initializer if len(i.dims) == 2}
+    targets = len(find_targets(model.backbone.vit))
+    assert sum(n.op_type == "Gemm" and n.input[1] in weights for n in graph.node) >= targets
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert ops.count("Split") == ops.count("Neg") == 0
+    assert ops.count("Concat") <= 3  # CLS + registers + patches, and the head's bookkeeping
+    layers = model.backbone.num_layers
+    # one reversed slice per rotated q/k (last block: k only), one for the last block's CLS rows
+    assert ops.count("Slice") == 2 * layers
+
+
+def test_export_is_byte_identical_for_the_same_weights(
+    model: HyperCT, exported: Path, tmp_path: Path
+) -> None:
+    again = export_model(model, tmp_path / "again", tasks=list(KEYS[:2]), synthetic=True, name="hyperct-test")
+    for key in KEYS[:2]:  # the traced first task and a weight-swapped one
+        assert sha256_file(again / f"{key}.onnx") == sha256_file(exported / f"{key}.onnx")
+
+
+def test_weight_swapper_refuses_a_graph_it_cannot_map(model: HyperCT) -> None:
     vit0 = model.merged_backbone(0, attn_implementation="eager")
     graph = torch_to_onnx(
         AttributedTaskModel(vit0, model.head), (varied_images(3), torch.ones(3, dtype=torch.bool)),
@@ -156,6 +212,11 @@ def test_weight_swapper_refuses_a_graph_it_cannot_map(model: HyperCT) -> None:
     )  # fmt: skip
     assert WeightSwapper(graph, vit0).complete
     assert not WeightSwapper(graph, model.merged_backbone(1)).complete
+    fused = torch_to_onnx(
+        AttributedTaskModel(vit0, model.head, image_size=(144, 144)),
+        (varied_images(3), torch.ones(3, dtype=torch.bool)), ["images", "mask"], ["logit", "attention"],
+    )  # fmt: skip
+    assert WeightSwapper(fused, vit0).complete  # what export_model swaps into
 
 
 def test_read_thresholds_accepts_metrics_json_and_plain_maps(tmp_path: Path) -> None:

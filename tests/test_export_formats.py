@@ -93,6 +93,20 @@ def test_int8_runs_within_the_documented_tolerance(folders: dict[str, Path]) -> 
     assert worst <= INT8_PROBABILITY_TOLERANCE
 
 
+def test_int8_quantises_every_backbone_linear(model: HyperCT, folders: dict[str, Path]) -> None:
+    """The exported linears are Gemm nodes, which quantize_dynamic skips: they must be rewritten to
+    MatMul first, or "int8" would silently ship fp32 weights (and fp32 speed)."""
+    import onnx
+
+    from training.lora import find_targets
+
+    graph = onnx.load(str(folders["int8"] / f"{KEYS[0]}.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == len(find_targets(model.backbone.vit))
+    int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8_weights) == len(find_targets(model.backbone.vit))
+
+
 def test_fp16_loads_and_runs_on_cpu(folders: dict[str, Path]) -> None:
     m = load_manifest(folders["fp16"])
     assert m.precision == "fp16" and m.inputs["images"]["dtype"] == "float32"

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import DINOv3ViTModel
 
 from operators.preprocessing import PreprocessingConfig, normalize_images
+from training.export_vit import rope_tables, vit_cls_forward
 from training.hypernet import Factors
 from training.lora import LoRAContext, inject_lora, strip_lora
 from training.model import ClassifierHead, HyperCT, masked_mean
@@ -101,13 +102,45 @@ def _patch_size(vit: DINOv3ViTModel) -> int:
     return int(p if isinstance(p, int) else p[0])
 
 
-class AttributedTaskModel(nn.Module):
+class _GraphForward(nn.Module):
+    """The backbone pass of the task modules: transformers' forward, or with ``image_size`` the
+    export forward of ``training/export_vit.py`` (RoPE tables for that size as buffers)."""
+
+    vit: DINOv3ViTModel
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def _init_graph(self, vit: DINOv3ViTModel, image_size: tuple[int, int] | None) -> None:
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        if self.image_size is not None:
+            cos, sin = rope_tables(vit, self.image_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _cls_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cls [N, D], head-mean CLS→patch attention [N, P])`` of the last block."""
+        prefix = 1 + int(self.vit.config.num_register_tokens)
+        if self.image_size is None:
+            out = self.vit(pixel_values=images, output_attentions=True)
+            return out.last_hidden_state[:, 0], out.attentions[-1][:, :, 0, prefix:].mean(dim=1)
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, this module is for {self.image_size}")
+        cls, row = vit_cls_forward(self.vit, images, self.rope_cos, self.rope_sin)
+        return cls, row[:, :, prefix:].mean(dim=1)
+
+
+class AttributedTaskModel(_GraphForward):
     """One task's merged backbone + head: ``images [N,3,H,W], mask [N] → (logit [1], attention [N,gh,gw])``.
 
     The graph exported per task in the ``merged`` format. Needs eager attention (softmax weights).
+    With ``image_size`` the backbone runs the export forward (``training/export_vit.py``: fixed
+    image size, fewer graph nodes, same outputs); without it, transformers' own forward (the
+    PyTorch reference the export's self-check compares against).
     """
 
-    def __init__(self, vit: DINOv3ViTModel, head: ClassifierHead) -> None:
+    def __init__(
+        self, vit: DINOv3ViTModel, head: ClassifierHead, *, image_size: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         if vit.config._attn_implementation != "eager":
             vit.set_attn_implementation("eager")
@@ -115,6 +148,7 @@ class AttributedTaskModel(nn.Module):
         self.head = head
         self.num_prefix_tokens = 1 + int(vit.config.num_register_tokens)
         self.patch_size = _patch_size(vit)
+        self._init_graph(vit, image_size)
         self.requires_grad_(False)
         self.train(False)
 
@@ -122,23 +156,24 @@ class AttributedTaskModel(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.vit(pixel_values=images, output_attentions=True)
-        cls = out.last_hidden_state[:, 0]
+        cls, cls_attention = self._cls_and_attention(images)
         logit, contrib = image_contributions(cls, mask, self.head)
-        cls_attention = out.attentions[-1][:, :, 0, self.num_prefix_tokens :].mean(dim=1)
         return logit, attention_map(cls_attention, contrib, mask, _grid(images, self.patch_size))
 
 
-class FactoredHyperCTModel(nn.Module):
+class FactoredHyperCTModel(_GraphForward):
     """All tasks in one graph: frozen weights + every task's LoRA factors, picked by a ``task`` input.
 
     ``forward(images [N,3,H,W], mask [N], task int64 [1]) → (logit [1], attention [N,gh,gw])``. The
     factors are stacked per module type (``A [T, L, r, d_in]``, ``B [T, L, d_out, r]``) and gathered by
     ``task``; each target linear adds ``s·B(Ax)`` (training/lora.py), so there is one copy of the
     backbone weights for all tasks (≈ 0.6 GB for ViT-B/25 tasks instead of 8.6 GB merged).
+    ``image_size`` as for :class:`AttributedTaskModel`.
     """
 
-    def __init__(self, model: HyperCT, task_rows: Sequence[int]) -> None:
+    def __init__(
+        self, model: HyperCT, task_rows: Sequence[int], *, image_size: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         import copy
 
@@ -160,6 +195,7 @@ class FactoredHyperCTModel(nn.Module):
         self.num_tasks = len(task_rows)
         self.num_prefix_tokens = 1 + int(vit.config.num_register_tokens)
         self.patch_size = _patch_size(vit)
+        self._init_graph(vit, image_size)
         self.requires_grad_(False)
         self.train(False)
 
@@ -181,10 +217,8 @@ class FactoredHyperCTModel(nn.Module):
         self, images: torch.Tensor, mask: torch.Tensor, task: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.context.use(self.task_factors(task), self.scale):
-            out = self.vit(pixel_values=images, output_attentions=True)
-        cls = out.last_hidden_state[:, 0]
+            cls, cls_attention = self._cls_and_attention(images)
         logit, contrib = image_contributions(cls, mask, self.head)
-        cls_attention = out.attentions[-1][:, :, 0, self.num_prefix_tokens :].mean(dim=1)
         return logit, attention_map(cls_attention, contrib, mask, _grid(images, self.patch_size))
 
 

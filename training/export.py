@@ -226,7 +226,23 @@ def torch_to_onnx(
             verbose=False,
         )
     assert program is not None
-    return program.model_proto
+    return strip_stack_traces(program.model_proto)
+
+
+def strip_stack_traces(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node Python stack traces (in place; returns ``model``).
+
+    They name the source files by absolute path, so a model would carry the build machine's folders
+    and a rebuild in another checkout would not be byte-identical; nothing reads them at run time.
+    """
+    graphs = [model.graph, *[f for f in model.functions]]
+    for g in graphs:
+        for node in g.node:
+            kept = [p for p in node.metadata_props if not p.key.endswith("stack_trace")]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
+    return model
 
 
 def _digest(array: np.ndarray) -> str:
@@ -763,12 +779,14 @@ def _export_merged(
     sample = _check_inputs(image_size)
     for done, key in enumerate(keys, start=1):
         vit = model.merged_backbone(key, attn_implementation="eager")
-        module = AttributedTaskModel(vit, copy.deepcopy(model.head))
+        head = copy.deepcopy(model.head)
+        module = AttributedTaskModel(vit, head)  # transformers' forward: the self-check's reference
         if swapper is not None and swapper.complete and template is not None:
             swapper.apply(template, vit)
             graph = template
         else:
-            graph = torch_to_onnx(module, sample, ["images", "mask"], ["logit", "attention"], opset=opset)
+            traced = AttributedTaskModel(vit, head, image_size=image_size)  # training/export_vit.py
+            graph = torch_to_onnx(traced, sample, ["images", "mask"], ["logit", "attention"], opset=opset)
             if template is None:
                 template, swapper = graph, WeightSwapper(graph, vit)
         out = convert_precision(graph, precision)
@@ -796,10 +814,11 @@ def _export_factored(
     external_threshold: int,
     progress: Progress | None,
 ) -> tuple[dict[str, tuple[str, list[str]]], dict[str, CheckResult]]:
-    module = FactoredHyperCTModel(model, [model.task_index(k) for k in keys])
+    rows = [model.task_index(k) for k in keys]
+    module = FactoredHyperCTModel(model, rows)  # transformers' forward: the self-check's reference
     images, mask = _check_inputs(image_size)
     graph = torch_to_onnx(
-        module,
+        FactoredHyperCTModel(model, rows, image_size=image_size),  # training/export_vit.py
         (images, mask, torch.tensor([0])),
         ["images", "mask", "task"],
         ["logit", "attention"],
