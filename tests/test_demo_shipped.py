@@ -41,6 +41,15 @@ def test_shipped_files_match_their_manifest_and_say_synthetic(manifest: dict) ->
     assert manifest["training_data"]["kind"] == "synthetic"
 
 
+def test_shipped_files_carry_no_build_machine_paths() -> None:
+    """The exporter's per-node stack traces named source files by absolute path; they are stripped
+    (training.export.strip_stack_traces), so the repository holds no machine's folders."""
+    for path in SHIPPED.iterdir():
+        data = path.read_bytes()
+        for marker in (b".py\", line", b"site-packages", b"/home/", b"/root/", b"/work/", b"/tmp/"):
+            assert marker not in data, f"{path.name} contains {marker!r}"
+
+
 def test_lists_every_task_it_does_not_predict_as_not_covered(manifest: dict) -> None:
     covered = [t["key"] for t in manifest["tasks"]]
     assert len(covered) >= STRONG
