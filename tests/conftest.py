@@ -96,6 +96,8 @@ RUN_FIRST = (
     "test_training_learning",
     "test_training_learning_control",
     "test_demo_model",
+    "test_demo_shipped",
+    "test_web_browser",
     "test_packaging",
     "test_node_e2e",
     "test_app",
