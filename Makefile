@@ -109,7 +109,7 @@ lint: setup  ## ruff + mypy
 	$(BIN)/mypy app operators
 
 lock:  ## Re-resolve requirements/lock.txt from pyproject.toml (needs a set-up .venv)
-	$(BIN)/pip-compile --quiet --extra train --extra dev --no-emit-find-links --no-emit-index-url \
+	$(BIN)/pip-compile --quiet --extra train --extra scale --extra dev --no-emit-find-links --no-emit-index-url \
 	  --strip-extras --no-header --annotation-style line -o requirements/lock.txt pyproject.toml
 	@# The local CPU wheel is torch 2.13.0+cpu; pin the public version so PyPI hosts resolve too.
 	sed -i -E 's/^torch==([0-9.]+)\+cpu /torch==\1     /' requirements/lock.txt

@@ -9,13 +9,21 @@ process and with one :class:`~operators.model_runner.HyperCTRunner` (models load
 * batch, overlapped (``--prefetch 2``, ``--workers`` threads): loading and preprocessing of the next
   studies and writing of the previous one overlap inference.
 
+With ``--ray`` the same archive also goes through ``--engine ray`` on a private Ray cluster of this
+machine (``os.cpu_count()`` CPUs), with 1 and 2 studies in flight (``--ray-workers``): the rate of
+each against the local engine's (issue 15: Ray's overhead on one machine ≤ 10 %), plus the one-off
+cost of starting the cluster, the inference actor and the workers (excluded from the rate, as the
+local engine's model load is).
+
 The goal (issue 7) is batch ≥ 90 % of the inference-only rate. Default model: a tiny random
 HyperCT with every task, exported on the fly with thresholds that make ``--positives`` tasks
 positive (each positive finding costs an attention map on the source grid and a SEG segment);
 ``--model`` for a real one. Small N by default;
 ``--full`` runs 20 studies.
 
-Usage: ``python benchmarks/batch.py [--studies 3 | --full] [--slices 300] [--workers 1] [--model DIR]``
+Usage: ``python -m benchmarks.batch [--studies 3 | --full] [--slices 300] [--workers 1] [--model DIR]
+[--ray [--ray-workers 1,2]]`` (``-m`` from the repository root: run as a script, ``benchmarks/synth.py``
+would shadow the ``synth`` package)
 """
 
 from __future__ import annotations
@@ -74,6 +82,22 @@ def stage_means(out: Path) -> dict[str, float]:
     return {k: statistics.mean(v) for k, v in per.items()}
 
 
+def export_default_model(folder: Path, positives: int) -> Path:
+    """The tiny random HyperCT with every task, thresholds making ``positives`` tasks positive."""
+    from training.export import TaskOperatingInfo, export_model
+    from training.model import build_hyperct
+    from training.tasks import TaskRegistry
+
+    keys = [t.key for t in TaskRegistry.load()]
+    # A random model calls most findings positive, and every positive finding costs an
+    # attention map on the source grid and a SEG segment; a real study has a few.
+    thresholds = {
+        k: TaskOperatingInfo(threshold=1e-6 if i < positives else 0.999999) for i, k in enumerate(keys)
+    }
+    hct = build_hyperct(backbone_config="tiny", task_keys=keys)
+    return Path(export_model(hct, folder, synthetic=True, thresholds=thresholds))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=3)
@@ -85,6 +109,14 @@ def main() -> None:
     )
     ap.add_argument(
         "--model", type=Path, default=None, help="model folder (default: tiny random model, all tasks)"
+    )
+    ap.add_argument("--ray", action="store_true", help="also run --engine ray (needs the scale extra)")
+    ap.add_argument("--ray-workers", default="1,2", help="studies in flight of each Ray run (default 1,2)")
+    ap.add_argument(
+        "--ray-object-store-mb",
+        type=int,
+        default=None,
+        help="the private cluster's object store (default Ray's)",
     )
     args = ap.parse_args()
     n = 20 if args.full else args.studies
@@ -102,19 +134,16 @@ def main() -> None:
         )
         model = args.model
         if model is None:
-            from training.export import TaskOperatingInfo, export_model
-            from training.model import build_hyperct
-            from training.tasks import TaskRegistry
+            # In a child process: torch and the training stack would otherwise sit in this process's
+            # heap while the local engine is timed (`hyperct process` never loads them; Ray's workers
+            # are fresh processes), and slow it down.
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-            keys = [t.key for t in TaskRegistry.load()]
-            # A random model calls most findings positive, and every positive finding costs an
-            # attention map on the source grid and a SEG segment; a real study has a few.
-            thresholds = {
-                k: TaskOperatingInfo(threshold=1e-6 if i < args.positives else 0.999999)
-                for i, k in enumerate(keys)
-            }
-            hct = build_hyperct(backbone_config="tiny", task_keys=keys)
-            model = export_model(hct, root / "models" / "hyperct", synthetic=True, thresholds=thresholds)
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                model = pool.submit(
+                    export_default_model, root / "models" / "hyperct", args.positives
+                ).result()
         runner = HyperCTRunner(model)
         print(f"model {runner.manifest.name} {runner.manifest.version}: {len(runner.manifest.tasks)} tasks")
 
@@ -137,12 +166,44 @@ def main() -> None:
                 f"{label}: mean s per study by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
             )
             shutil.rmtree(out)
+        local_s = rows[-1][1]
+        startup: list[str] = []
+        if args.ray:
+            import os
+
+            from app.batch.ray_engine import RayOptions
+
+            cpus = os.cpu_count() or 1
+            for w in (int(x) for x in args.ray_workers.split(",")):
+                label = f"ray, {w} worker(s) ({cpus} CPUs)"
+                out = root / f"out-ray-{w}"
+                t0 = time.perf_counter()
+                report = run_batch(
+                    BatchConfig(output=out, model=Path(model), archive=archive, show_progress=False,
+                                ray=RayOptions(num_cpus=cpus, workers=w, object_store_mb=args.ray_object_store_mb)),
+                )  # fmt: skip
+                wall = time.perf_counter() - t0
+                assert report.outcomes == {"processed": n}, report.outcomes
+                rows.append((label, report.seconds))
+                startup.append(
+                    f"{label}: {wall - report.seconds:.1f} s of start-up and tables outside the rate"
+                )
+                stages = stage_means(out)
+                print(
+                    f"{label}: mean s per study by stage: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+                )
+                shutil.rmtree(out)
         print(
             f"(loading + preprocessing alone: {prep_s:.1f} s for {n} studies, {3600 * n / prep_s:,.0f} studies/h)\n"
         )
-        print(f"{'':40s} {'seconds':>8s} {'studies/h':>10s} {'vs inference-only':>18s}")
+        print(f"{'':40s} {'seconds':>8s} {'studies/h':>10s} {'vs inference-only':>18s} {'vs local':>9s}")
         for label, sec in rows:
-            print(f"{label:40s} {sec:8.1f} {3600 * n / sec:10,.0f} {infer_s / sec:17.0%}")
+            print(
+                f"{label:40s} {sec:8.1f} {3600 * n / sec:10,.0f} {infer_s / sec:17.0%} {local_s / sec:8.0%}"
+            )
+        for line in startup:
+            print(line)
 
 
 if __name__ == "__main__":

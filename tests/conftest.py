@@ -98,6 +98,7 @@ RUN_FIRST = (
     "test_demo_model",
     "test_demo_shipped",
     "test_web_browser",
+    "test_batch_ray",
     "test_packaging",
     "test_node_e2e",
     "test_app",

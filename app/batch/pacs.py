@@ -79,6 +79,7 @@ def pacs_source(
                     study.study_date,
                     files=fetch,
                     release=partial(shutil.rmtree, folder, ignore_errors=True),
+                    retrieve=True,
                 )
             )
         logger.info("%d studies from %s to process", len(jobs), node)

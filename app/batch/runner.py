@@ -34,6 +34,7 @@ from app.pipeline import INFER, PREPARE, WRITE, Pipeline
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from app.batch.ray_engine import RayEngine, RayOptions
     from operators.model_runner import HyperCTRunner
     from operators.study_case import StudyCase
 
@@ -72,6 +73,7 @@ class BatchConfig:
     max_extract_bytes: int = 50 * 1024**3
     show_progress: bool = True
     send: SendConfig | None = None  # --send-to: results go out through the node's outbox
+    ray: RayOptions | None = None  # --engine ray: the studies run as Ray tasks (app/batch/ray_engine.py)
 
     @property
     def work_dir(self) -> Path:
@@ -88,6 +90,9 @@ class StudyJob:
     study_date: str = ""
     files: Callable[[], list[Path]] = list
     release: Callable[[], None] = lambda: None  # frees a retrieval cache after the study
+    #: ``files`` retrieves the study over the network (PACS, DICOMweb): the Ray engine calls it on the
+    #: worker that processes the study; an archive's file list is read from the index on the driver.
+    retrieve: bool = False
 
 
 @dataclass
@@ -103,6 +108,16 @@ class BatchReport:
     seconds: float = 0.0
     interrupted: bool = False
     sends: dict[str, int] | None = None  # outbox rows of OUT by state (sent, pending, failed)
+    engine: str = "local"  # or what the Ray engine ran on ("ray: 2 CPUs, 0 GPUs on 1 node(s); ...")
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds, this run's studies
+
+    def count(self, summary: dict[str, Any]) -> str:
+        """Count one finished study of this run (outcome and stage times); returns its outcome."""
+        outcome = str(summary["outcome"])
+        self.outcomes[outcome] += 1
+        for stage, seconds in (summary.get("timings_s") or {}).items():
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + float(seconds)
+        return outcome
 
     @property
     def studies_per_hour(self) -> float:
@@ -172,6 +187,22 @@ def archive_jobs(cfg: BatchConfig, index: ArchiveIndex, report: BatchReport) -> 
     return jobs
 
 
+def prepare_job(pipeline: Pipeline, job: StudyJob, output: Path) -> StudyCase:
+    """Load, select, volume, preprocess one study (both engines). Never raises: a failure is the case's."""
+    from operators.study_case import Outcome, StudyCase
+
+    t0 = time.perf_counter()
+    try:
+        case = load_job(job, output)
+        case.timings["load"] = round(time.perf_counter() - t0, 4)
+        return pipeline.run_stages(case, PREPARE)
+    except Exception as exc:  # noqa: BLE001 - one study's failure must not stop the batch
+        logger.exception("study %s: loading failed", job.study_uid)
+        case = StudyCase(study_instance_uid=job.study_uid, output_folder=output)
+        case.stop(Outcome.FAILED, f"load: {type(exc).__name__}: {exc}")
+        return case
+
+
 def load_job(job: StudyJob, output: Path) -> StudyCase:
     """Read one study's files into a :class:`StudyCase` with the application's loader code."""
     from operators.study_case import Outcome, StudyCase
@@ -205,18 +236,7 @@ class BatchRunner:
 
     def prepare(self, job: StudyJob) -> StudyCase:
         """Worker-thread side: load, select, volume, preprocess. Never raises."""
-        from operators.study_case import Outcome, StudyCase
-
-        t0 = time.perf_counter()
-        try:
-            case = load_job(job, self.cfg.output)
-            case.timings["load"] = round(time.perf_counter() - t0, 4)
-            return self.pipeline.run_stages(case, PREPARE)
-        except Exception as exc:  # noqa: BLE001 - one study's failure must not stop the batch
-            logger.exception("study %s: loading failed", job.study_uid)
-            case = StudyCase(study_instance_uid=job.study_uid, output_folder=self.cfg.output)
-            case.stop(Outcome.FAILED, f"load: {type(exc).__name__}: {exc}")
-            return case
+        return prepare_job(self.pipeline, job, self.cfg.output)
 
     def infer(self, case: StudyCase) -> StudyCase:
         """Main-thread side: the model (sessions are this thread's)."""
@@ -300,7 +320,7 @@ class BatchRunner:
                 outcome = self.record(job, case, summary, ledger)
             finally:
                 job.release()
-            report.outcomes[outcome] += 1
+            report.count({**summary, "outcome": outcome})
             report.seconds = time.perf_counter() - started
             progress.advance(task)
             progress.update(task, rate=format_rate(report.studies_per_hour))
@@ -387,9 +407,31 @@ def run_batch(
 ) -> BatchReport:
     """Index (or query), filter, skip what the ledger holds, process the rest, write the tables.
 
-    ``source`` replaces the archive index (``--from-pacs`` passes the C-FIND based one).
+    ``source`` replaces the archive index (``--from-pacs`` passes the C-FIND based one). With
+    ``cfg.ray`` the studies run on a Ray cluster (:class:`app.batch.ray_engine.RayEngine`, connected
+    before anything else so that an unreachable cluster stops the run at once); everything else —
+    index, filters, ledger, sends, tables — is this function's, the same for both engines.
     """
     t0 = time.perf_counter()
+    engine: RayEngine | None = None
+    if cfg.ray is not None:
+        from app.batch.ray_engine import RayEngine
+
+        engine = RayEngine(cfg)  # connects (or starts a local cluster); ConnectionError when it cannot
+    try:
+        return _run_batch(cfg, runner, source, engine, t0)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _run_batch(
+    cfg: BatchConfig,
+    runner: HyperCTRunner | None,
+    source: Callable[[BatchConfig, BatchReport], list[StudyJob]] | None,
+    engine: RayEngine | None,
+    t0: float,
+) -> BatchReport:
     cfg.output.mkdir(parents=True, exist_ok=True)
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     report = BatchReport()
@@ -421,7 +463,14 @@ def run_batch(
             logger.info("%d studies to process (%d already done)", len(jobs), report.already_done)
             t_run = time.perf_counter()
             try:
-                batch.run(jobs, ledger, progress, report, started=t_run)
+                if engine is not None:
+                    if jobs:  # actors and workers ready before the clock starts (as the local model is)
+                        engine.setup()
+                        t_run = time.perf_counter()
+                    report.engine = engine.describe()
+                    engine.run(batch, jobs, ledger, progress, report, started=t_run)
+                else:
+                    batch.run(jobs, ledger, progress, report, started=t_run)
             except KeyboardInterrupt:
                 report.interrupted = True
                 logger.warning("interrupted: finished studies are in the ledger; rerun to resume")

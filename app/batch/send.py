@@ -1,4 +1,5 @@
-"""``hyperct process --send-to``: a batch run's results go out through the node's own outbox.
+"""``hyperct process --send-to`` / ``--send-stowrs``: a batch run's results go out through the node's
+own outbox (C-STORE, or STOW-RS to a DICOMweb root).
 
 One outbox implementation, and only the outbox: the batch keeps the outbox table alone in
 ``OUT/_batch/outbox.sqlite`` (:meth:`OutboxStore.open <app.node.store.OutboxStore.open>`; no
@@ -60,9 +61,10 @@ class BatchSender:
         from app.dimse.network import RemoteNode
         from app.node.outbox import Outbox
         from app.node.store.outbox import OutboxStore
+        from app.stowrs import check_stowrs_url, is_stowrs_destination
 
-        for dest in cfg.destinations:
-            RemoteNode.parse(dest)  # a bad address fails before any study runs
+        for dest in cfg.destinations:  # a bad address fails before any study runs
+            check_stowrs_url(dest) if is_stowrs_destination(dest) else RemoteNode.parse(dest)
         self.cfg = cfg
         self.output = Path(output)
         self.store = OutboxStore.open(Path(work_dir) / OUTBOX_DB, legacy=Path(work_dir) / LEGACY_STATE_DB)

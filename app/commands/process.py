@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+from app.commands.usage import fail
+
+if TYPE_CHECKING:
+    from app.batch.ray_engine import RayOptions
+
+ENGINES = ("local", "ray")
 
 HELP = (
     "Reprocess an archive: index every DICOM file under ARCHIVE (nested folders, files without "
@@ -16,7 +24,10 @@ HELP = (
     "(one record per study, as `hyperct run` writes it). Resumable: a rerun "
     "skips studies already finished (unless --force); an interrupted run resumes. With --from-pacs "
     "the studies come from a C-FIND at the PACS and are retrieved one by one (C-GET) into a bounded "
-    "cache. With --send-to the SR, SEG and text SR of every processed study are pushed by C-STORE "
+    "cache; with --from-dicomweb they are listed by QIDO-RS and fetched by WADO-RS. With --engine ray "
+    "the studies run as Ray tasks on a local or remote cluster (inference in actors, one per GPU), "
+    "with the same ledger, tables and results. With --send-to the SR, SEG and text SR of every "
+    "processed study are pushed by C-STORE (with --send-stowrs by STOW-RS to a DICOMweb root) "
     "through the node's outbox (retried with backoff; OUT/sends.csv; a rerun resumes unsent results "
     "and never resends delivered ones). Exit codes: 0 done (see errors.csv), 1 error, failed "
     "studies or results not delivered, 2 bad usage, 130 interrupted. Research use only."
@@ -26,7 +37,10 @@ EXAMPLES = """Examples:
   hyperct process /archive out/          # every study; rerun to resume
   hyperct process archive.zip out/ --from 2024-01-01 --modality CT -w 2
   hyperct process out/ --from-pacs PACS@pacs.example:104 --study @uids.txt
-  hyperct process /archive out/ --send-to PACS@pacs.example:104"""
+  hyperct process out/ --from-dicomweb https://pacs.example/dicom-web
+  hyperct process /archive out/ --engine ray --address ray-head.example:6379
+  hyperct process /archive out/ --send-to PACS@pacs.example:104
+  hyperct process /archive out/ --send-stowrs https://pacs.example/dicom-web"""
 
 
 def _date(value: str | None) -> str:
@@ -67,7 +81,12 @@ def process(
     ),
     config: Path = typer.Option(None, "--config", "-c", exists=True, dir_okay=False, help="app.yaml to use."),
     workers: int = typer.Option(
-        1, "--workers", "-w", min=1, help="Threads that load and preprocess studies."
+        None,
+        "--workers",
+        "-w",
+        min=1,
+        show_default="1; with --engine ray the cluster's CPUs",
+        help="Threads that load and preprocess studies (--engine ray: studies in flight at once).",
     ),
     prefetch: int = typer.Option(
         2,
@@ -108,6 +127,12 @@ def process(
         metavar="AE@HOST:PORT",
         help="Push each processed study's SR, SEG and text SR to this PACS (C-STORE; repeatable).",
     ),
+    send_stowrs: list[str] = typer.Option(
+        None,
+        "--send-stowrs",
+        metavar="URL",
+        help="Push them to this DICOMweb root by STOW-RS (POST URL/studies; repeatable; with or without --send-to).",
+    ),
     send_wait: float = typer.Option(
         300.0,
         "--send-wait",
@@ -129,16 +154,73 @@ def process(
         min=0.1,
         help="Upper bound of unpacked zips / retrieved studies under OUT/_batch/cache.",
     ),
+    from_dicomweb: str = typer.Option(
+        None,
+        "--from-dicomweb",
+        metavar="URL",
+        help="List the studies by QIDO-RS and fetch them by WADO-RS from this DICOMweb root instead of ARCHIVE.",
+    ),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        metavar="local|ray",
+        help="Run the studies here, or as Ray tasks (the scale extra).",
+    ),
+    address: str = typer.Option(
+        None,
+        "--address",
+        metavar="auto|ray://HOST:PORT|HOST:PORT",
+        show_default="a private Ray cluster on this machine",
+        help="--engine ray: the Ray cluster to join.",
+    ),
+    ray_cpus: int = typer.Option(
+        None,
+        "--ray-cpus",
+        min=1,
+        show_default="all",
+        help="--engine ray without --address: CPUs of the private cluster.",
+    ),
+    ray_object_store_mb: int = typer.Option(
+        None,
+        "--ray-object-store-mb",
+        min=75,
+        show_default="Ray's (30% of memory)",
+        help="--engine ray without --address: object store of the private cluster.",
+    ),
+    inference_actors: int = typer.Option(
+        None,
+        "--inference-actors",
+        min=1,
+        show_default="one per GPU, else one per node",
+        help="--engine ray: model replicas (each loads the model once).",
+    ),
+    max_retries: int = typer.Option(
+        2,
+        "--max-retries",
+        min=0,
+        help="--engine ray: retries of a study whose worker process or node dies (then it is failed).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
     """Batch reprocessing (the same pipeline as `hyperct run`)."""
     from app.batch.filters import StudyFilter, read_list
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if from_pacs and output is None:
+    if from_pacs and from_dicomweb:
+        raise typer.BadParameter("give --from-pacs or --from-dicomweb, not both")
+    remote_source = from_pacs or from_dicomweb
+    if remote_source and output is None:
         archive, output = None, archive  # `hyperct process OUT --from-pacs AE@HOST:PORT`
-    if output is None or (archive is None) == (from_pacs is None):
-        raise typer.BadParameter("give ARCHIVE OUT, or OUT with --from-pacs AE@HOST:PORT")
+    if output is None or (archive is None) == (remote_source is None):
+        raise typer.BadParameter(
+            "give ARCHIVE OUT, or OUT with --from-pacs AE@HOST:PORT or --from-dicomweb URL"
+        )
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if engine != "ray" and (address or ray_cpus or ray_object_store_mb or inference_actors):
+        raise typer.BadParameter(
+            "--address, --ray-cpus, --ray-object-store-mb and --inference-actors need --engine ray"
+        )
     if archive is not None and not archive.exists():
         raise typer.BadParameter(f"ARCHIVE {archive} does not exist")
     try:
@@ -154,17 +236,36 @@ def process(
     if from_pacs:
         from_pacs = _address("--from-pacs", from_pacs)
     send = None
-    if send_to:
+    if send_to or send_stowrs:
         from app.batch.send import SendConfig
         from app.dimse.sender import RetryPolicy
+        from app.stowrs import check_stowrs_url
 
+        try:
+            stow = [check_stowrs_url(url) for url in send_stowrs or ()]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--send-stowrs") from None
         send = SendConfig(
-            destinations=tuple(dict.fromkeys(_address("--send-to", dest) for dest in send_to)),
+            destinations=tuple(dict.fromkeys([*(_address("--send-to", d) for d in send_to or ()), *stow])),
             calling_ae=calling_ae,
             retry=RetryPolicy(max_attempts=send_attempts, initial_delay_s=send_retry_delay),
             wait_s=send_wait,
             resend=force,
         )
+    ray_options = None
+    if engine == "ray":
+        ray_options = _ray_options(
+            address, ray_cpus, ray_object_store_mb, workers, inference_actors, max_retries
+        )
+    if from_dicomweb:
+        from app.batch.dicomweb import check_server
+
+        try:
+            check_server(from_dicomweb)
+        except ImportError:
+            fail("--from-dicomweb needs dicomweb-client: pip install -e '.[scale]'")
+        except (ConnectionError, ValueError) as exc:
+            fail(exc)
     # Heavy imports (MONAI Deploy, Holoscan) only once the arguments are known to be usable.
     from app.batch.runner import BatchConfig, run_batch
     from app.commands.run import default_model_path
@@ -176,30 +277,71 @@ def process(
         model=model or default_model_path(),
         archive=archive,
         app_config=AppConfig.load(config),
-        workers=workers,
+        workers=workers or 1,
         prefetch=prefetch,
         force=force,
         filters=filters,
         max_extract_bytes=int(cache_gb * 1024**3),
         show_progress=not quiet,
         send=send,
+        ray=ray_options,
     )
     source = None
     if from_pacs:
         from app.batch.pacs import pacs_source
 
         source = pacs_source(from_pacs, calling_ae=calling_ae, max_cache_bytes=int(cache_gb * 1024**3))
+    elif from_dicomweb:
+        from app.batch.dicomweb import dicomweb_source
+
+        source = dicomweb_source(from_dicomweb, max_cache_bytes=int(cache_gb * 1024**3))
     try:
         report = run_batch(cfg, source=source)
     except (ManifestError, FileNotFoundError, ValueError, ConnectionError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # outside the processing loop (index, start-up, tables): same answer
+        typer.echo("interrupted: finished studies are in the ledger; rerun the same command", err=True)
+        raise typer.Exit(130) from None
     if not quiet:
         print_report(report)
     if report.interrupted:
         raise typer.Exit(130)
     undelivered = report.sends is not None and (report.sends.get("pending") or report.sends.get("failed"))
     raise typer.Exit(1 if report.outcomes.get("failed") or undelivered else 0)
+
+
+def _ray_options(
+    address: str | None,
+    cpus: int | None,
+    object_store_mb: int | None,
+    workers: int | None,
+    actors: int | None,
+    max_retries: int,
+) -> RayOptions:
+    """--engine ray's options, with Ray installed and the cluster reachable (else one line, exit 2)."""
+    import importlib.util
+
+    from app.batch.ray_engine import INSTALL_HINT, RayOptions, check_address
+
+    if importlib.util.find_spec("ray") is None:
+        fail(INSTALL_HINT)
+    if address and (cpus or object_store_mb):
+        fail(
+            "--ray-cpus and --ray-object-store-mb size a private cluster; with --address the cluster is sized already"
+        )
+    try:
+        check_address(address)
+    except (ConnectionError, ValueError) as exc:
+        fail(exc)
+    return RayOptions(
+        address=address,
+        num_cpus=cpus,
+        object_store_mb=object_store_mb,
+        workers=workers,
+        inference_actors=actors,
+        max_retries=max_retries,
+    )
 
 
 def print_report(report: object) -> None:
@@ -229,11 +371,23 @@ def print_report(report: object) -> None:
     if report.already_done:
         console.print(f"already in the ledger (skipped; --force to redo): {report.already_done}")
     done = ", ".join(f"{n} {k}" for k, n in sorted(report.outcomes.items()))
+    if report.engine != "local":
+        console.print(f"engine: {report.engine}", highlight=False)
     if done:  # the progress bar's rate, on the same basis (app.batch.runner.studies_per_hour)
         rate = f"{format_rate(report.studies_per_hour)} ({RATE_BASIS})"
         console.print(f"this run: {done} in {report.seconds:.1f} s: {rate}", highlight=False)
+        n = sum(report.outcomes.values())
+        stages = ", ".join(f"{k} {v / n:.2f}" for k, v in report.stage_seconds.items())
+        console.print(f"stage times (mean s per study of this run): {stages}", highlight=False)
     else:
         console.print("this run: nothing to do")
+    o = report.outcomes
+    console.print(
+        f"summary: {o.get('processed', 0)} done, {report.already_done} skipped (already in the ledger), "
+        f"{o.get('not-processed', 0)} not processed, {o.get('failed', 0)} failed"
+        + (" (see errors.csv)" if o.get("failed") or o.get("not-processed") else ""),
+        highlight=False,
+    )
     if report.sends is not None:
         sent, pending, failed = (report.sends.get(k, 0) for k in ("sent", "pending", "failed"))
         hint = (

@@ -95,7 +95,7 @@ class FileResult:
 class SendReport:
     """Per-file results of one :func:`send_files` call and the overall classified error."""
 
-    destination: RemoteNode
+    destination: RemoteNode | str  # a peer AE, or a DICOMweb root (app/stowrs.py)
     results: tuple[FileResult, ...]
     error: SendError | None = None
     elapsed_s: float = 0.0

@@ -1,4 +1,5 @@
-"""The outbox: results go to every destination by C-STORE, retried with backoff, never forgotten.
+"""The outbox: results go to every destination by C-STORE (or STOW-RS to a DICOMweb root, an
+``http(s)://`` destination: :mod:`app.stowrs`), retried with backoff, never forgotten.
 
 Why persistent: a PACS that is down for maintenance must get the results when it comes back, also
 across node restarts. Each (destination, result SOP Instance UID) is one row, so a reprocess of the
@@ -27,6 +28,7 @@ from typing import Any
 from app.dimse.network import RemoteNode, TlsConfig
 from app.dimse.sender import RetryPolicy, send_files
 from app.node.store.outbox import OutboxItem, OutboxStore
+from app.stowrs import check_stowrs_url, is_stowrs_destination, stow_files
 from operators.study_case import dicom_file_keys
 
 logger = logging.getLogger(__name__)
@@ -97,8 +99,11 @@ class Outbox:
         return len(items)
 
     def _send(self, dest: str, group: list[OutboxItem]) -> None:
+        paths = [self.data_dir / item.path for item in group]
         try:
-            node = RemoteNode.parse(dest, tls=self.tls)
+            target: RemoteNode | str = (
+                check_stowrs_url(dest) if is_stowrs_destination(dest) else RemoteNode.parse(dest, tls=self.tls)
+            )
         except ValueError as exc:
             # Configurations refuse such addresses when they load; a row queued before that (or by
             # hand) fails alone, permanently, and the other destinations of this pass still go out.
@@ -107,8 +112,10 @@ class Outbox:
                 self.failed += 1
             logger.error("outbox: %d send(s) to %r failed: %s", len(group), dest, exc)
             return
-        paths = [self.data_dir / item.path for item in group]
-        report = self.sender(node, paths, calling_ae=self.calling_ae, timeout_s=self.timeout_s)
+        if isinstance(target, str):
+            report = stow_files(target, paths, timeout_s=self.timeout_s)
+        else:
+            report = self.sender(target, paths, calling_ae=self.calling_ae, timeout_s=self.timeout_s)
         by_path = {Path(r.path): r for r in report.results}
         now = time.time()
         for item, path in zip(group, paths, strict=True):
