@@ -133,7 +133,9 @@ def _post(url: str, files: list[tuple[Path, tuple[str, str, str]]], timeout_s: f
             results.append(result(path, uids, status=failed[uid], error=message, transient=transient))
         else:
             reason = response.reason or ""
-            results.append(result(path, uids, error=f"HTTP {http} {reason}".strip(), transient=http in TRANSIENT_HTTP))
+            results.append(
+                result(path, uids, error=f"HTTP {http} {reason}".strip(), transient=http in TRANSIENT_HTTP)
+            )
     return results
 
 
@@ -160,7 +162,9 @@ def stow_files(url: str, files: Sequence[Path], *, timeout_s: float = 30.0, **_:
     if undelivered:
         summary = "; ".join(f"{r.sop_instance_uid or r.path.name}: {r.error}" for r in undelivered[:3])
         text = f"{len(undelivered)} of {len(ordered)} files not stored at {url}: {summary}"
-        error = TransientSendError(text) if any(r.transient for r in undelivered) else PermanentSendError(text)
+        error = (
+            TransientSendError(text) if any(r.transient for r in undelivered) else PermanentSendError(text)
+        )
     report = SendReport(url, ordered, error, time.monotonic() - started)
     logger.info("STOW-RS: %d/%d files stored at %s in %.2f s", len(report.delivered), len(ordered), url,
                 report.elapsed_s)  # fmt: skip

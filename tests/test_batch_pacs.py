@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pydicom
@@ -19,10 +20,11 @@ from app.pipeline import Pipeline
 from operators.model_runner import HyperCTRunner
 from tests.app_fixtures import TINY_TASKS
 from tests.batch_fixtures import read_csv, study_dir, study_uid
-from tests.peers import LOOPBACK, Orthanc
+from tests.peers import LOOPBACK, Orthanc, free_port
 
 pytestmark = pytest.mark.peers
 CALLING_AE = "HYPERCT"
+MOVE_PORT = free_port()  # where Orthanc sends C-MOVE sub-operations for CALLING_AE
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +38,11 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory, studies: dict[str, Path]):
-    """Orthanc holding two CT studies and one MR-only study; it knows our AE (FIND/GET allowed)."""
+    """Orthanc holding two CT studies and one MR-only study; it knows our AE (FIND/GET allowed, and as
+    a C-MOVE destination at MOVE_PORT)."""
     peer = Orthanc(
         tmp_path_factory.mktemp("orthanc"),
-        modalities={"hyperct": (CALLING_AE, LOOPBACK, 11112)},
+        modalities={"hyperct": (CALLING_AE, LOOPBACK, MOVE_PORT)},
         config={"DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True},
     )
     with peer:
@@ -108,3 +111,74 @@ def test_process_from_pacs_equals_hyperct_run(orthanc, studies, model_dir: Path,
         assert got == {t["key"]: t["probability"] for t in expected["tasks"]}
     cache = out / "_batch" / "cache" / "pacs"
     assert not cache.exists() or not any(cache.iterdir()), "retrieved studies are removed once recorded"
+
+
+def test_c_move_gives_the_same_findings_as_c_get(orthanc, studies, model_dir: Path, tmp_path: Path) -> None:
+    """``--retrieve move``: Orthanc sends each study to our AE title at MOVE_PORT (its configured
+    destination), where one storage SCP for the run files it under the study being retrieved."""
+    runner = HyperCTRunner(model_dir)
+    outs = {}
+    for method in ("get", "move"):
+        outs[method] = out = tmp_path / method
+        source = pacs_source(
+            _node(orthanc),
+            calling_ae=CALLING_AE,
+            retrieve=method,
+            move_port=MOVE_PORT if method == "move" else None,
+            move_bind=LOOPBACK,
+        )
+        cfg = BatchConfig(output=out, model=model_dir, workers=2, show_progress=False)
+        report = run_batch(cfg, runner=runner, source=source)
+        assert report.outcomes == {"processed": 2, "not-processed": 1}, (method, report.outcomes)
+        assert not any((out / "_batch" / "cache" / "pacs").iterdir())
+    assert (outs["move"] / "findings.csv").read_bytes() == (outs["get"] / "findings.csv").read_bytes()
+    # The run's C-MOVE destination is closed: the port is free again.
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect((LOOPBACK, MOVE_PORT))
+
+
+def test_c_move_to_an_ae_the_pacs_does_not_know_says_so(
+    orthanc, studies, model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    source = pacs_source(
+        _node(orthanc), calling_ae="STRANGER", retrieve="move", move_port=free_port(), move_bind=LOOPBACK
+    )
+    cfg = BatchConfig(
+        output=out, model=model_dir, filters=StudyFilter(modalities=frozenset({"CT"})), show_progress=False
+    )
+    report = run_batch(cfg, source=source)
+    assert report.outcomes == {"failed": 2}, report.outcomes
+    reasons = [e["reason"] for e in read_csv(out / "errors.csv") if e["kind"] == "study"]
+    assert len(reasons) == 2, reasons
+    for reason in reasons:
+        # Orthanc aborts a C-MOVE from an AE title it does not know (others answer 0xA801): either
+        # way the reason names the C-MOVE and what to check at the PACS.
+        assert "C-MOVE" in reason, reason
+        assert (
+            "does not know our AE title as a move destination" in reason or "does it know STRANGER" in reason
+        ), reason
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--from-pacs", "PACS@127.0.0.1:104", "--retrieve", "move"], "--retrieve move needs --move-port"),
+        (["--from-pacs", "PACS@127.0.0.1:104", "--retrieve", "find"], "--retrieve find: expected get or move"),
+        (["--move-port", "11113"], "--retrieve and --move-port go with --from-pacs"),
+        (["--from-pacs", "PACS@127.0.0.1:104", "--retrieve", "move", "--move-port", "11113", "--engine", "ray"],
+         "--retrieve move needs the local engine"),
+    ],
+)  # fmt: skip
+def test_retrieve_options_are_checked_before_work(tmp_path: Path, args: list[str], why: str) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    out = tmp_path / "out"
+    archive = [] if "--from-pacs" in args else [str(tmp_path)]
+    done = CliRunner().invoke(
+        cli, ["process", *archive, str(out), *args], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+    )
+    assert done.exit_code == 2 and why in done.output, done.output
+    assert not out.exists()

@@ -485,5 +485,8 @@ def _run_batch(
         ledger.close()
         if index is not None:
             index.close()
+        close_source = getattr(source, "close", None)  # e.g. the C-MOVE destination of --from-pacs
+        if close_source is not None:
+            close_source()
     logger.info("batch run took %.1f s", time.perf_counter() - t0)
     return report

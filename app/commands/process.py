@@ -23,7 +23,7 @@ HELP = (
     "OUT/errors.csv (every skipped file and unprocessed study, with the reason) and OUT/outcome.json "
     "(one record per study, as `hyperct run` writes it). Resumable: a rerun "
     "skips studies already finished (unless --force); an interrupted run resumes. With --from-pacs "
-    "the studies come from a C-FIND at the PACS and are retrieved one by one (C-GET) into a bounded "
+    "the studies come from a C-FIND at the PACS and are retrieved one by one (C-GET, or C-MOVE) into a bounded "
     "cache; with --from-dicomweb they are listed by QIDO-RS and fetched by WADO-RS. With --engine ray "
     "the studies run as Ray tasks on a local or remote cluster (inference in actors, one per GPU), "
     "with the same ledger, tables and results. With --send-to the SR, SEG and text SR of every "
@@ -37,6 +37,7 @@ EXAMPLES = """Examples:
   hyperct process /archive out/          # every study; rerun to resume
   hyperct process archive.zip out/ --from 2024-01-01 --modality CT -w 2
   hyperct process out/ --from-pacs PACS@pacs.example:104 --study @uids.txt
+  hyperct process out/ --from-pacs PACS@h:104 --retrieve move --move-port 113
   hyperct process out/ --from-dicomweb https://pacs.example/dicom-web
   hyperct process /archive out/ --engine ray --address ray-head.example:6379
   hyperct process /archive out/ --send-to PACS@pacs.example:104
@@ -154,6 +155,25 @@ def process(
         min=0.1,
         help="Upper bound of unpacked zips / retrieved studies under OUT/_batch/cache.",
     ),
+    retrieve: str = typer.Option(
+        "get",
+        "--retrieve",
+        metavar="get|move",
+        help="--from-pacs: retrieve by C-GET, or by C-MOVE to our AE title (--calling-ae) at --move-port.",
+    ),
+    move_port: int = typer.Option(
+        None,
+        "--move-port",
+        min=1,
+        max=65535,
+        help="--retrieve move: the port we listen on, where the PACS has our AE title configured.",
+    ),
+    move_bind: str = typer.Option(
+        "0.0.0.0",  # noqa: S104 - the PACS is another host; only its AE title may call
+        "--move-bind",
+        metavar="ADDRESS",
+        help="--retrieve move: the local address to listen on (only the PACS's AE title may call).",
+    ),
     from_dicomweb: str = typer.Option(
         None,
         "--from-dicomweb",
@@ -235,6 +255,17 @@ def process(
         raise typer.BadParameter(str(exc)) from None
     if from_pacs:
         from_pacs = _address("--from-pacs", from_pacs)
+    if retrieve not in ("get", "move"):
+        raise typer.BadParameter(f"--retrieve {retrieve}: expected get or move")
+    if (retrieve == "move" or move_port) and not from_pacs:
+        raise typer.BadParameter("--retrieve and --move-port go with --from-pacs")
+    if retrieve == "move" and not move_port:
+        raise typer.BadParameter("--retrieve move needs --move-port (where the PACS sends our AE title's instances)")
+    if retrieve == "move" and engine == "ray":
+        raise typer.BadParameter(
+            "--retrieve move needs the local engine (the PACS sends to one host and port); "
+            "with --engine ray use C-GET or --from-dicomweb"
+        )
     send = None
     if send_to or send_stowrs:
         from app.batch.send import SendConfig
@@ -290,7 +321,14 @@ def process(
     if from_pacs:
         from app.batch.pacs import pacs_source
 
-        source = pacs_source(from_pacs, calling_ae=calling_ae, max_cache_bytes=int(cache_gb * 1024**3))
+        source = pacs_source(
+            from_pacs,
+            calling_ae=calling_ae,
+            max_cache_bytes=int(cache_gb * 1024**3),
+            retrieve=retrieve,
+            move_port=move_port,
+            move_bind=move_bind,
+        )
     elif from_dicomweb:
         from app.batch.dicomweb import dicomweb_source
 

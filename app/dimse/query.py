@@ -1,9 +1,12 @@
-"""Query and retrieve studies from a PACS: C-FIND at STUDY level, then C-GET into a local folder.
+"""Query and retrieve studies from a PACS: C-FIND at STUDY level, then C-GET or C-MOVE into a folder.
 
-Used by ``hyperct process --from-pacs AE@host:port``. C-GET rather than C-MOVE: the instances come
+Used by ``hyperct process --from-pacs AE@host:port``. C-GET is the default: the instances come
 back on the association we opened, so the PACS needs no route back to us (no move destination
-configured at the PACS, no listening port here, nothing to open in a firewall). The C-FIND keys are
-the filters of a batch run (date range, modality, accession); results are de-duplicated by
+configured at the PACS, no listening port here, nothing to open in a firewall). C-MOVE
+(``--retrieve move``) is for the PACS that offer no C-GET: the PACS opens its own association to
+our AE title at the host and port it has configured for it, where :class:`MoveReceiver` (one
+storage SCP for the whole run) files each instance under the study being retrieved. The C-FIND keys
+are the filters of a batch run (date range, modality, accession); results are de-duplicated by
 StudyInstanceUID. pynetdicom does not set ``TCP_NODELAY`` itself, so the caller enables it once
 (:func:`app.dimse.network.enable_tcp_nodelay`).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Query/Retrieve Information Model - MOVE
+#: C-MOVE failure statuses with the usual cause, said in the error (PS3.4 C.4.2.1.5).
+MOVE_HINTS = {
+    0xA801: "the PACS does not know our AE title as a move destination",
+    0xA701: "the PACS is out of resources",
+    0xA702: "the PACS is out of resources",
+}
 #: The CT classes the pipeline reads, retrieved in any transfer syntax (no transcoding at the PACS).
 CT_IMAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 PENDING = (0xFF00, 0xFF01)
@@ -212,6 +223,124 @@ def get_study(
         report.failed,
         report.status or 0,
     )
+    return report
+
+
+class MoveReceiver:
+    """The storage SCP that C-MOVE sends to: one per run, on ``port``, filing each instance under the
+    folder of the study being retrieved (several at once: the prefetch workers).
+
+    Only the PACS's AE title may call it (``require_calling_aet``); an instance of a study nobody
+    is retrieving, or one beyond the study's byte bound, is refused. Files are named by
+    SOPInstanceUID, as C-GET names them.
+    """
+
+    def __init__(self, ae_title: str, port: int, *, peer_ae: str, bind: str = "0.0.0.0") -> None:  # noqa: S104
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+        self.ae_title, self.port = ae_title, port
+        self._lock = threading.Lock()
+        self._studies: dict[str, tuple[Path, RetrieveReport, int | None]] = {}
+        ae = AE(ae_title=ae_title)
+        ae.require_calling_aet = [peer_ae]
+        for cx in StoragePresentationContexts:
+            uid = str(cx.abstract_syntax)
+            if uid in CT_IMAGE_CLASSES:
+                ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)  # stored as the PACS holds them
+            else:
+                ae.add_supported_context(uid)
+        try:
+            self._server = ae.start_server(
+                (bind, port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            )
+        except OSError as exc:
+            raise QueryError(f"--move-port {port}: cannot listen for C-MOVE ({exc.strerror or exc})") from None
+        logger.info("C-MOVE destination %s listening on port %d", ae_title, port)
+
+    def _on_store(self, event: Any) -> int:
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        if not _UID.match(sop_uid):
+            return 0xC211  # refused: cannot name a file after it
+        try:
+            study = str(event.dataset.StudyInstanceUID)
+        except Exception:  # noqa: BLE001 - an unreadable dataset is refused, not a crash of the SCP
+            return 0xC210  # cannot understand
+        data = event.encoded_dataset(include_meta=True)
+        with self._lock:
+            entry = self._studies.get(study)
+            if entry is None:
+                logger.warning("C-MOVE: refused instance %s of study %s, which is not being retrieved", sop_uid, study)
+                return 0xC212  # refused: no retrieval of that study in progress
+            folder, report, max_bytes = entry
+            if max_bytes is not None and report.bytes + len(data) > max_bytes:
+                return 0xA702  # refused: out of resources (the retrieval cache is full)
+            report.bytes += len(data)
+        path = folder / f"{sop_uid}.dcm"
+        path.write_bytes(data)
+        with self._lock:
+            report.files.append(path)
+        return 0x0000
+
+    def expect(self, study_uid: str, folder: Path, max_bytes: int | None) -> RetrieveReport:
+        folder.mkdir(parents=True, exist_ok=True)
+        report = RetrieveReport()
+        with self._lock:
+            self._studies[study_uid] = (folder, report, max_bytes)
+        return report
+
+    def done(self, study_uid: str) -> None:
+        with self._lock:
+            self._studies.pop(study_uid, None)
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+def move_study(
+    node: RemoteNode,
+    study_uid: str,
+    folder: Path,
+    receiver: MoveReceiver,
+    *,
+    calling_ae: str = "HYPERCT",
+    max_bytes: int | None = None,
+) -> RetrieveReport:
+    """C-MOVE one study to ``receiver`` (our AE title at the PACS), which files it into ``folder``.
+
+    The final C-MOVE response comes after the PACS's last sub-operation, so every instance it stored
+    is on disk when this returns.
+    """
+    from pynetdicom import AE
+
+    if not _UID.match(study_uid):
+        raise ValueError(f"not a UID: {study_uid!r}")
+    report = receiver.expect(study_uid, folder, max_bytes)
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(MOVE_MODEL)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    try:
+        with _association(ae, node) as assoc:
+            for status, _ in assoc.send_c_move(identifier, receiver.ae_title, MOVE_MODEL):
+                if not status:
+                    raise QueryError(
+                        f"C-MOVE of study {study_uid} from {node}: no response (the PACS aborted or timed "
+                        f"out: does it know {calling_ae} as a C-MOVE peer and destination?)"
+                    )
+                report.status = int(status.Status)
+                for attr, keyword in (
+                    ("completed", "NumberOfCompletedSuboperations"),
+                    ("failed", "NumberOfFailedSuboperations"),
+                    ("warning", "NumberOfWarningSuboperations"),
+                ):
+                    value = status.get(keyword)
+                    if value is not None:
+                        setattr(report, attr, int(value))
+    finally:
+        receiver.done(study_uid)
+    logger.info("C-MOVE study %s from %s to %s: %d files (%d failed, status 0x%04X)", study_uid, node,
+                receiver.ae_title, len(report.files), report.failed, report.status or 0)  # fmt: skip
     return report
 
 
