@@ -186,6 +186,37 @@ def plan_residency(
     return ResidencyPlan(budget, session_mb, BASE_MB, k, n_sessions, reason + source)
 
 
+@dataclass(frozen=True)
+class _BoundInputs:
+    """A study's images and mask as ONNX Runtime values on one device: on a GPU the 55 images
+    (≈ 14 MB) cross the bus once per study instead of once per task (25 times)."""
+
+    images: Any  # ort.OrtValue
+    mask: Any
+    device: str
+
+    @classmethod
+    def make(cls, images: np.ndarray, mask: np.ndarray, device: str) -> _BoundInputs:
+        import onnxruntime as ort
+
+        return cls(
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images, dtype=np.float32), device, 0),
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask, dtype=bool), device, 0),
+            device,
+        )
+
+    def run(self, session: Any, wanted: list[str], task_index: np.ndarray | None) -> list[np.ndarray]:
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("images", self.images)
+        binding.bind_ortvalue_input("mask", self.mask)
+        if task_index is not None:
+            binding.bind_cpu_input("task", task_index)
+        for name in wanted:
+            binding.bind_output(name, "cpu")  # outputs are small: a logit and an attention map
+        session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
+
+
 class HyperCTRunner:
     """Runs all (or some) tasks of a model folder on one study; see the module docstring.
 
@@ -202,8 +233,12 @@ class HyperCTRunner:
         budget_mb: float | None = None,
         verify_files: bool = True,
         lean: bool = True,
+        io_binding: bool | None = None,
     ) -> None:
         self.lean = lean
+        #: Copy a study's inputs to the device once and bind them to every task's session (None:
+        #: when the sessions run on CUDA; on the CPU binding saves nothing, but works the same).
+        self.io_binding = io_binding
         self.model_dir = find_model_dir(Path(model_dir))
         self.manifest = load_manifest(self.model_dir, verify_files=verify_files)
         self.options = session_options or SessionOptions()
@@ -269,20 +304,28 @@ class HyperCTRunner:
     def task_keys(self) -> tuple[str, ...]:
         return tuple(self._tasks)
 
-    def run_task(self, key: str, images: np.ndarray, mask: np.ndarray) -> TaskOutput:
-        """One task on ``images [N,3,H,W]`` float32 (normalised) and ``mask [N]`` bool."""
+    def run_task(
+        self, key: str, images: np.ndarray, mask: np.ndarray, *, bound: _BoundInputs | None = None
+    ) -> TaskOutput:
+        """One task on ``images [N,3,H,W]`` float32 (normalised) and ``mask [N]`` bool (``bound``:
+        the same, already on the session's device; :meth:`run` makes them once per study)."""
         try:
             task = self._tasks[key]
         except KeyError:
             raise KeyError(f"model {self.manifest.name} has no task {key!r}") from None
-        feeds: dict[str, Any] = {
-            "images": np.ascontiguousarray(images, dtype=np.float32),
-            "mask": np.ascontiguousarray(mask, dtype=bool),
-        }
-        if self.manifest.format == "factored":
-            feeds["task"] = np.array([task.graph_task_index], dtype=np.int64)
         wanted = ["logit", "attention"] if "attention" in self.manifest.outputs else ["logit"]
-        out = self._session(task.file).run(wanted, feeds)
+        session = self._session(task.file)
+        task_index = np.array([task.graph_task_index], dtype=np.int64) if self.manifest.format == "factored" else None
+        if bound is not None:
+            out = bound.run(session, wanted, task_index)
+        else:
+            feeds: dict[str, Any] = {
+                "images": np.ascontiguousarray(images, dtype=np.float32),
+                "mask": np.ascontiguousarray(mask, dtype=bool),
+            }
+            if task_index is not None:
+                feeds["task"] = task_index
+            out = session.run(wanted, feeds)
         logit = float(np.asarray(out[0]).reshape(-1)[0])
         attention = np.asarray(out[1], dtype=np.float32) if len(out) > 1 else None
         return TaskOutput(key=key, logit=logit, probability=sigmoid(logit), attention=attention)
@@ -298,7 +341,9 @@ class HyperCTRunner:
         if mask.shape != images.shape[:1]:
             raise ValueError(f"mask shape {mask.shape} does not match {images.shape[0]} images")
         keys = list(tasks) if tasks is not None else list(self._tasks)
-        results = {k: self.run_task(k, images, mask) for k in self._order(keys)}
+        order = self._order(keys)
+        bound = self._bind(images, mask, order[0]) if order else None
+        results = {k: self.run_task(k, images, mask, bound=bound) for k in order}
         if not self.plan.all_resident:
             self._release_transient()
         return {k: results[k] for k in keys}
@@ -306,6 +351,16 @@ class HyperCTRunner:
     def run_input(self, model_input: ModelInput, tasks: Sequence[str] | None = None) -> dict[str, TaskOutput]:
         """Convenience for :class:`operators.preprocessing.ModelInput`."""
         return self.run(model_input.images, model_input.mask, tasks)
+
+    def _bind(self, images: np.ndarray, mask: np.ndarray, first: str) -> _BoundInputs | None:
+        """The study's inputs on the sessions' device, once for all tasks (see ``io_binding``)."""
+        if self.io_binding is False:
+            return None
+        providers = self._session(self._tasks[first].file).get_providers() if first in self._tasks else []
+        on_cuda = bool(providers) and providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        if self.io_binding is None and not on_cuda:
+            return None
+        return _BoundInputs.make(images, mask, "cuda" if on_cuda else "cpu")
 
     def _order(self, keys: Iterable[str]) -> list[str]:
         keys = list(keys)

@@ -101,6 +101,7 @@ RUN_FIRST = (
     "test_batch_ray",
     "test_packaging",
     "test_node_e2e",
+    "test_node_worker_pool",
     "test_app",
     "test_export_formats",
     "test_demo",

@@ -293,7 +293,8 @@ class MoveReceiver:
             self._studies.pop(study_uid, None)
 
     def close(self) -> None:
-        self._server.shutdown()
+        if self._server is not None:
+            self._server.shutdown()
 
 
 def move_study(

@@ -73,6 +73,9 @@ class WorkerSettings(Settings):
     model: Path = Path("models")
     app_config: Path | None = None  # app.yaml for the pipeline; None = HOLOSCAN_CONFIG_PATH or the repo's
     max_job_attempts: int = Field(default=3, ge=1)
+    #: Worker processes running jobs side by side (app/node/worker_pool.py); 1 = in the main process.
+    #: Each loads the model: N × its memory, on the GPU too.
+    processes: int = Field(default=1, ge=1, le=64)
 
 
 class OutboxSettings(Settings):

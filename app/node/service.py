@@ -3,7 +3,8 @@
 Threads: the pynetdicom server (one thread per association), the outbox, the probe listener
 (``health:``) and the web listener (``web:``, console and STOW-RS; :mod:`app.web`); the
 **worker runs in the main thread**, because Holoscan applications expect to be run from it and
-because a pipeline run is the one thing that may take long. SIGTERM/SIGINT stop the receiver
+because a pipeline run is the one thing that may take long — or, with ``worker.processes`` > 1, in
+that many worker processes (:mod:`app.node.worker_pool`) while the main thread schedules. SIGTERM/SIGINT stop the receiver
 first (no new instances; peers re-send anything not acknowledged), let the running job finish
 (its result is recorded, or it is re-queued at the next start if the process is killed), let the
 outbox finish its current batch, then close the database. Nothing acknowledged is ever lost,
@@ -40,6 +41,7 @@ from app.node.worker import Worker
 
 if TYPE_CHECKING:
     from app.config import AppConfig
+    from app.node.worker_pool import WorkerPool
     from app.web.server import WebServer
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class NodeService:
         self.web: WebServer | None = None
         self._web_store: NodeStore | None = None
         self.app_config: AppConfig | None = None
+        self.pool: WorkerPool | None = None
 
     # ------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -131,8 +134,15 @@ class NodeService:
             self.receiver.start()
         self._spawn("outbox", self.outbox.run, self.stop_event, cfg.outbox.poll_interval_s)
         self._start_web(inbox)
-        # The receiver is up first (durable receive needs no model); then the model is loaded once,
-        # so the first study does not pay for it.
+        # The receiver is up first (durable receive needs no model); then the model is loaded once
+        # (once per worker process), so the first study does not pay for it.
+        if cfg.worker.processes > 1:
+            from app.node.worker_pool import WorkerPool
+
+            self.pool = WorkerPool(cfg, self.app_config, self.store)
+            self.pool.start()
+            logger.info("node started with %d worker processes (data in %s)", cfg.worker.processes, self.data_dir)
+            return
         from app.pipeline import Pipeline
 
         self.worker = Worker(
@@ -191,10 +201,16 @@ class NodeService:
                 "received": counters.get("instances_received", 0), "failed": counters.get("instances_failed", 0),
                 "rejected": counters.get("associations_rejected", 0),
             },
-            "worker": {"ready": worker is not None, "busy_s": None if worker is None or worker.busy_since is None
-                       else time.monotonic() - worker.busy_since},
+            "worker": self._worker_status(worker),
             "outbox": {"destinations": [str(d) for d in self.config.outbox.destinations]},
         }  # fmt: skip
+
+    def _worker_status(self, worker: Worker | None) -> dict[str, Any]:
+        if self.pool is not None:
+            running = self.pool.running()
+            return {"ready": True, "processes": self.pool.n, "busy_s": max((s for _, s in running), default=None)}
+        return {"ready": worker is not None, "processes": 1, "busy_s": None if worker is None or worker.busy_since is None
+                else time.monotonic() - worker.busy_since}  # fmt: skip
 
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -205,7 +221,8 @@ class NodeService:
     def live(self) -> bool:
         """The main loop ticked within 2 poll intervals, or is inside a job (which may take minutes)."""
         worker = getattr(self, "worker", None)
-        busy = worker is None or worker.busy_since is not None  # starting up, or inside a job
+        # Starting up, or inside a job. Worker processes never block the main loop (it only schedules).
+        busy = self.pool is None and (worker is None or worker.busy_since is not None)
         return busy or time.monotonic() - self.heartbeat < max(
             10.0, 4 * self.config.completion.poll_interval_s
         )
@@ -225,7 +242,11 @@ class NodeService:
         while not self.stop_event.is_set():
             self.heartbeat = time.monotonic()
             self.scheduler.tick()
-            job = self.worker.run_next()
+            if self.pool is not None:
+                self.pool.check()
+                job = None
+            else:
+                job = self.worker.run_next()
             if self.heartbeat >= next_housekeeping:
                 self.housekeeping()
                 next_housekeeping = self.heartbeat + HOUSEKEEPING_INTERVAL_S
@@ -259,6 +280,8 @@ class NodeService:
         self.stop_event.set()
         if self.receiver is not None:
             self.receiver.stop()
+        if self.pool is not None:
+            self.pool.stop()  # each worker process finishes its job, recorded
         for t in self._threads:
             t.join(timeout=max(60.0, self.config.outbox.timeout_s * 2))
         for listener in (self.web, self.health):

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from app.node.outbox import result_outputs
@@ -41,6 +42,7 @@ class Worker:
         *,
         destinations: list[str],
         max_attempts: int = 3,
+        on_claim: Callable[[Job | None], None] | None = None,
     ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
@@ -50,11 +52,12 @@ class Worker:
         self.pipeline = pipeline
         self.destinations = list(destinations)
         self.max_attempts = max_attempts
+        self.on_claim = on_claim  # told the job it holds (inside the claim), then None when done
         self.busy_since: float | None = None
 
     def run_next(self) -> Job | None:
         """Run the oldest queued job, if any; returns it (None when the queue is empty)."""
-        job = self.store.jobs.claim()
+        job = self.store.jobs.claim(on_claim=self.on_claim)
         if job is None:
             return None
         self.busy_since = time.monotonic()
@@ -62,6 +65,8 @@ class Worker:
             self._run(job)
         finally:
             self.busy_since = None
+            if self.on_claim is not None:
+                self.on_claim(None)
         return job
 
     def _snapshot(self, job: Job) -> Path:

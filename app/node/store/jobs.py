@@ -9,6 +9,7 @@ a quarantine moves the study on, and the run is then recorded as ``superseded`` 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +59,12 @@ class JobStore:
         db.execute("UPDATE jobs SET state='superseded' WHERE study_uid=? AND state='queued'", (study_uid,))
 
     # -- the worker ------------------------------------------------------------------------------
-    def claim(self, *, now: float | None = None) -> Job | None:
-        """The oldest queued job, now ``running`` (its study ``processing``), with an attempt row."""
+    def claim(self, *, now: float | None = None, on_claim: Callable[[Job], None] | None = None) -> Job | None:
+        """The oldest queued job, now ``running`` (its study ``processing``), with an attempt row.
+
+        ``on_claim`` runs inside the transaction: a worker process that tells the main process which
+        job it holds does so before the claim commits (if it dies before the commit, the job is
+        still queued), so a job is never ``running`` without the main process knowing who holds it."""
         now = self.db.clock() if now is None else now
         with self.db.transaction() as db:
             row = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
@@ -71,7 +76,10 @@ class JobStore:
                 (now, row["study_uid"], row["generation"]),
             )
             self.journal.start_run(db, row["id"], now)
-            return Job(row["id"], row["study_uid"], row["generation"], row["attempts"] + 1)
+            job = Job(row["id"], row["study_uid"], row["generation"], row["attempts"] + 1)
+            if on_claim is not None:
+                on_claim(job)
+            return job
 
     @staticmethod
     def _current(db: sqlite3.Connection, job: Job) -> bool:
