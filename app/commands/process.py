@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -298,7 +299,7 @@ def process(
         except (ConnectionError, ValueError) as exc:
             fail(exc)
     # Heavy imports (MONAI Deploy, Holoscan) only once the arguments are known to be usable.
-    from app.batch.runner import BatchConfig, run_batch
+    from app.batch.runner import BatchConfig, BatchReport, StudyJob, run_batch
     from app.commands.run import default_model_path
     from app.config import AppConfig
     from operators.manifest import ManifestError
@@ -317,7 +318,7 @@ def process(
         send=send,
         ray=ray_options,
     )
-    source = None
+    source: Callable[[BatchConfig, BatchReport], list[StudyJob]] | None = None
     if from_pacs:
         from app.batch.pacs import pacs_source
 
