@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -295,7 +296,8 @@ def step_findings(received: dict[str, list[Path]], planted: set[str]) -> None:
         )
         for col in ("finding", "probability", "threshold", "decision", "planted in the phantom"):
             table.add_column(col, justify="right" if col in ("probability", "threshold") else "left")
-        for g in sr.content.get_image_measurement_groups():
+        content: Any = sr.content  # a MeasurementReport (highdicom types it as ContentSequence)
+        for g in content.get_image_measurement_groups():
             values = {m.name.value: float(m.value) for m in g.get_measurements()}
             evaluation = next(iter(g.get_qualitative_evaluations()), None)
             decision = evaluation.value.meaning if evaluation is not None else "?"

@@ -183,6 +183,7 @@ def write_case_key_images(case: StudyCase, options: WriterOptions) -> None:
     folder = study_folder(case) / KEY_IMAGES_DIR
     written: dict[str, str] = {}
     for task in plan_key_images(case.result):
+        assert task.attention is not None  # plan_key_images keeps only findings with a map
         meta = KeyImageMeta.of(task, case.volume, synthetic=case.result.model.synthetic)
         path = folder / key_image_name(task.key)
         write_bytes_atomic(path, render_key_image(case.volume.hu, task.attention, meta))

@@ -204,8 +204,10 @@ def _values(value: object) -> list[str]:
         return []
     if isinstance(value, str | bytes):
         return [str(value).strip()]
+    if not isinstance(value, Iterable):
+        return [str(value).strip()]
     try:
-        return [str(v).strip() for v in value]  # type: ignore[union-attr]
+        return [str(v).strip() for v in value]
     except TypeError:
         return [str(value).strip()]
 

@@ -260,6 +260,63 @@ def test_cli_ctrl_c_stops_cleanly_and_the_rerun_resumes(
     assert all(attempts[uid] == 1 for uid in finished), "a finished study was recomputed"
 
 
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        out = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True)
+        children = {int(p) for p in out.stdout.split()} - found
+        found |= children
+        todo += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_cli_driver_killed_9_leaves_no_ray_processes_and_the_rerun_resumes(
+    tmp_path: Path, archive: Path, reference: Path, model_dir: Path, cluster: Cluster
+) -> None:
+    """SIGKILL to ``hyperct process --engine ray`` (its private cluster) once a study is recorded: the
+    cluster's processes (GCS, raylet, workers, agents) end with it, and the rerun on the shared cluster
+    recomputes nothing that was recorded and gives the reference tables."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "app.cli", "process", str(archive), str(out), "-m", str(model_dir), "-q",
+           "--engine", "ray", "--ray-cpus", "1", "--ray-object-store-mb", "80", "-w", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while _recorded(out) < 1:
+        assert proc.poll() is None, "the run ended before its first study was recorded"
+        assert time.monotonic() < deadline, "no study finished within 300 s"
+        time.sleep(0.05)
+    ray_processes = _descendants(proc.pid)
+    assert ray_processes, "a private cluster runs in child processes"
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 180  # Ray's agents notice their raylet is gone within a minute or so
+    while any(_alive(p) for p in ray_processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [p for p in ray_processes if _alive(p)]
+    assert not left, f"processes of the killed run's cluster still run: {left}"
+    recorded = _recorded(out)
+    assert 1 <= recorded < N_CT + 1, "the kill must land mid-run"
+    finished = {d for d in _study_files(out)}
+
+    report = _run(out, archive, model_dir)
+    assert report.already_done == recorded
+    assert (out / "findings.csv").read_bytes() == (reference / "findings.csv").read_bytes()
+    assert (out / "errors.csv").read_bytes() == (reference / "errors.csv").read_bytes()
+    assert _study_files(out) == _study_files(reference)
+    attempts = _attempts(out)
+    assert all(attempts[uid] == 1 for uid in finished if uid in attempts), "a finished study was recomputed"
+    assert not (out / "_batch" / "staging").exists()
+
+
 def test_a_node_killed_mid_run_loses_nothing(
     tmp_path: Path, archive: Path, reference: Path, model_dir: Path, cluster: Cluster
 ) -> None:

@@ -54,7 +54,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
 from app.dimse.network import AETitle, AllowedCaller, TlsConfig, enable_tcp_nodelay
 from operators.settings import CommaList, Settings
@@ -248,7 +248,7 @@ class StoreHandler:
 
     def __call__(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title.strip()
-        request_uid = str(event.request.AffectedSOPInstanceUID)
+        request_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))  # a C-STORE request
         try:
             raw = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001
@@ -342,7 +342,7 @@ class DicomReceiver:
 
     def start(self) -> None:
         enable_tcp_nodelay()
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self._store),
