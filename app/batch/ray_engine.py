@@ -20,7 +20,8 @@ Guarantees (the local engine's, kept at scale):
   worker died leaves at most an orphan staging folder, removed at the end of the run.
 * **A poisoned study does not stall the run**: Ray retries a task whose worker process or node dies
   ``max_retries`` times; then the driver records the study as failed (``errors.csv``) and goes on.
-* **Ctrl-C** cancels what is in flight and records nothing more; finished studies stay in the ledger.
+* **Ctrl-C** stops what is in flight (its tasks end with the driver) and records nothing more;
+  finished studies stay in the ledger.
 
 Workers must see ARCHIVE, OUT and the model folder at the same paths as the driver (a shared file
 system: the usual set-up of a backfill cluster); ``--from-pacs`` / ``--from-dicomweb`` studies are
@@ -538,9 +539,12 @@ class RayEngine:
                     batch.write_tables(ledger, None)
                     last_tables = time.monotonic()
         except KeyboardInterrupt:
-            for ref in in_flight:
-                ray.cancel(ref, force=True)
-            logger.warning("interrupted: %d studies in flight were cancelled (not recorded)", len(in_flight))
+            # No ray.cancel(force=True) here: racing a task that completes at that moment, Ray 2.60's
+            # core worker fails a CHECK ("Tried to complete task that was not pending") and aborts
+            # the driver. The tasks end with this driver instead (close(): a private cluster shuts
+            # down; on a shared one Ray ends the tasks of a driver that disconnects), and nothing of
+            # them is recorded; the rerun does them again.
+            logger.warning("interrupted: %d studies in flight were stopped (not recorded)", len(in_flight))
             raise
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
