@@ -87,7 +87,7 @@ class FoundStudy:
 
 @dataclass
 class RetrieveReport:
-    """What one C-GET brought back."""
+    """What one C-GET or C-MOVE brought back."""
 
     files: list[Path] = field(default_factory=list)
     completed: int = 0
@@ -95,6 +95,18 @@ class RetrieveReport:
     warning: int = 0
     status: int | None = None
     bytes: int = 0
+
+    def update(self, status: Dataset) -> None:
+        """Take the status and sub-operation counts of a C-GET / C-MOVE response."""
+        self.status = int(status.Status)
+        for attr, keyword in (
+            ("completed", "NumberOfCompletedSuboperations"),
+            ("failed", "NumberOfFailedSuboperations"),
+            ("warning", "NumberOfWarningSuboperations"),
+        ):
+            value = status.get(keyword)
+            if value is not None:
+                setattr(self, attr, int(value))
 
 
 def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
@@ -206,15 +218,7 @@ def get_study(
         for status, _ in assoc.send_c_get(identifier, GET_MODEL):
             if not status:
                 raise QueryError(f"C-GET of study {study_uid} from {node}: no response")
-            report.status = int(status.Status)
-            for attr, keyword in (
-                ("completed", "NumberOfCompletedSuboperations"),
-                ("failed", "NumberOfFailedSuboperations"),
-                ("warning", "NumberOfWarningSuboperations"),
-            ):
-                value = status.get(keyword)
-                if value is not None:
-                    setattr(report, attr, int(value))
+            report.update(status)
     logger.info(
         "C-GET study %s from %s: %d files (%d failed, status 0x%04X)",
         study_uid,
@@ -329,15 +333,7 @@ def move_study(
                         f"C-MOVE of study {study_uid} from {node}: no response (the PACS aborted or timed "
                         f"out: does it know {calling_ae} as a C-MOVE peer and destination?)"
                     )
-                report.status = int(status.Status)
-                for attr, keyword in (
-                    ("completed", "NumberOfCompletedSuboperations"),
-                    ("failed", "NumberOfFailedSuboperations"),
-                    ("warning", "NumberOfWarningSuboperations"),
-                ):
-                    value = status.get(keyword)
-                    if value is not None:
-                        setattr(report, attr, int(value))
+                report.update(status)
     finally:
         receiver.done(study_uid)
     logger.info("C-MOVE study %s from %s to %s: %d files (%d failed, status 0x%04X)", study_uid, node,
