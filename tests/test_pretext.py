@@ -78,3 +78,64 @@ def test_pretext_config_is_validated() -> None:
         load_config(None, ["model.pretext.grid=0"])
     with pytest.raises(ConfigError, match="never re-pretrained"):
         load_config(None, ["model.pretext.steps=10", "model.backbone_path=somewhere"])
+
+
+def test_fraction_targets_count_pixels_beyond_hu_thresholds() -> None:
+    """Per block, the share of middle-channel pixels below / above each HU threshold (read back through
+    the preprocessing's normalisation and window); the block means come first; the patch targets hold
+    each patch's channel means and fractions in token order."""
+    from operators.preprocessing import PreprocessingConfig, normalize_images
+    from training.pretext import fraction_targets, patch_targets, pretext_targets
+
+    unit = np.full((1, 3, 144, 144), 0.5, dtype=np.float32)  # 0 HU everywhere
+    unit[0, 1, :16, :16] = 0.0  # -1000 HU: the first 16 x 16 block of a 9 x 9 grid
+    unit[0, 1, 16:18, 16:18] = 0.9  # 800 HU: 4 pixels of the block below-right of it
+    unit[0, 0, 16:18, 16:18] = 0.9  # another channel: not counted
+    x = torch.from_numpy(normalize_images(unit, PreprocessingConfig()))
+    cfg = PretextConfig.model_validate(
+        {
+            "grid": 4,
+            "fractions": [
+                {"grid": 9, "below_hu": -940},
+                {"grid": 9, "above_hu": 400},
+                {"grid": 3, "above_hu": 400},
+            ],
+        }
+    )
+    y = fraction_targets(x, cfg)
+    assert y.shape == (1, 81 + 81 + 9)
+    assert float(y[0, 0]) == 1.0 and float(y[0, :81].sum()) == 1.0
+    torch.testing.assert_close(y[0, 81 + 10], torch.tensor(4 / 256))
+    assert float(y[0, 81:162].sum()) == pytest.approx(4 / 256)
+    torch.testing.assert_close(y[0, 162], torch.tensor(4 / 48**2))
+    assert pretext_targets(x, cfg).shape == (1, 3 * 16 + 171)
+    assert fraction_targets(x, PretextConfig()).shape == (1, 0)
+    p = patch_targets(x, 16, cfg)
+    assert p.shape == (1, 81, 3 + 3)
+    assert float(p[0, 0, 3]) == 1.0 and float(p[0, 10, 4]) == pytest.approx(4 / 256)
+    band = PretextConfig.model_validate({"fractions": [{"grid": 1, "above_hu": -1, "below_hu": 900}]})
+    torch.testing.assert_close(fraction_targets(x, band)[0, 0], torch.tensor(1 - 256 / 144**2))
+    with pytest.raises(ValueError, match="below_hu, above_hu or both"):
+        PretextConfig.model_validate({"fractions": [{"grid": 4}]})
+    with pytest.raises(ValueError, match="above_hu < below_hu"):
+        PretextConfig.model_validate({"fractions": [{"grid": 4, "above_hu": 10, "below_hu": 0}]})
+
+
+def test_patch_term_trains_and_is_reproducible() -> None:
+    """With fractions and a patch term the warm start still fits and repeats bit for bit."""
+    images = _images(32, 1)
+    cfg = PretextConfig.model_validate(
+        {
+            "steps": 20,
+            "batch_size": 16,
+            "grid": 2,
+            "patch_weight": 1.0,
+            "fractions": [{"grid": 3, "above_hu": 400}],
+        }
+    )
+    a, b = build_backbone("tiny_demo", seed=0), build_backbone("tiny_demo", seed=0)
+    ra = pretrain_backbone(a.vit, images, cfg, seed=0)
+    rb = pretrain_backbone(b.vit, images, cfg, seed=0)
+    assert ra.final_loss == rb.final_loss and ra.final_loss < ra.first_loss
+    for k, v in a.vit.state_dict().items():
+        torch.testing.assert_close(b.vit.state_dict()[k], v, rtol=0, atol=0)

@@ -35,6 +35,24 @@ class _Section(Settings):
     key_separator: ClassVar[str] = "_"  # recipes write keys with underscores
 
 
+class FractionTarget(_Section):
+    """One pretext target: per block of a ``grid × grid`` grid, the share of the middle channel's pixels
+    below ``below_hu`` and/or above ``above_hu`` (both: the band between; HU, read back through the
+    preprocessing window)."""
+
+    grid: int = Field(ge=1)
+    below_hu: float | None = None
+    above_hu: float | None = None
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> FractionTarget:
+        if self.below_hu is None and self.above_hu is None:
+            raise ValueError("give below_hu, above_hu or both")
+        if self.below_hu is not None and self.above_hu is not None and self.above_hu >= self.below_hu:
+            raise ValueError("a band needs above_hu < below_hu")
+        return self
+
+
 class PretextConfig(_Section):
     """Label-free warm start of a random-init backbone (``training.pretext``); ``steps: 0`` = off."""
 
@@ -46,6 +64,12 @@ class PretextConfig(_Section):
     weight_decay: float = 0.01
     #: Images drawn from each training scan into the pretext set (bounded memory).
     images_per_scan: int = Field(default=16, ge=1)
+    #: Voxel-fraction targets besides the block means: small dark or bright things (emphysema, calcified
+    #: plaques, metal) hardly move a block mean (docs/training.md §8).
+    fractions: tuple[FractionTarget, ...] = ()
+    #: Weight of a dense term (0 = off): every patch token also regresses its own patch's per-channel
+    #: means and fractions, so the local statistics stay in the tokens the CLS attends to.
+    patch_weight: float = Field(default=0.0, ge=0)
 
 
 class ModelConfig(_Section):

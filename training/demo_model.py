@@ -1,8 +1,8 @@
 """The demo model: trained on synthetic phantoms, evaluated, exported for serving, and cached.
 
 ``make demo`` and the tests need a model that actually learned something, but there are no public
-HyperCT weights. This module trains the demo recipe (``training/recipes/demo.yaml``: tiny backbone
-warm-started label-free, cardiomegaly and pleural effusion, docs/training.md §8), picks operating
+HyperCT weights. This module trains the demo recipe (``training/recipes/demo.yaml``: small backbone
+warm-started label-free, the findings listed there, docs/training.md §8), picks operating
 thresholds on its validation split, and exports merged-LoRA ONNX models with a manifest marked *synthetic demo — not for clinical
 use*. The result is cached: a folder whose manifest carries the same ``demo_key`` (recipe, seed, task
 registry, preprocessing code and manifest schema) is reused instead of retrained.

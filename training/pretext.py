@@ -5,7 +5,9 @@ tests are random, and a random frozen ViT's CLS token hardly depends on the imag
 §8: pooled CLS of two different findings differ by ~3 % of the feature norm), so neither the LoRA
 nor the head has anything to work with. Pretraining stands in for DINOv3's self-supervision at toy
 scale: the CLS token of each training image is regressed (through a throw-away linear readout) onto
-the image's own ``grid × grid`` block means per channel, standardised per block. No labels are used,
+the image's own ``grid × grid`` block means per channel and, when ``fraction_grid`` is set, the shares of
+the middle channel's pixels below / above HU thresholds on a finer grid (what tells emphysema, calcified
+plaques or metal: a block mean hardly moves for them), each target standardised. No labels are used,
 only the images of the training split. Afterwards the backbone is frozen as usual and stored in the
 checkpoint like any config backbone.
 
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DINOv3ViTModel
 
+from operators.preprocessing import PreprocessingConfig
 from training.config import PretextConfig
 
 logger = logging.getLogger(__name__)
@@ -43,12 +46,75 @@ class PretextResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "note": "label-free block-mean regression on training images; not DINOv3"}
+        return {
+            **asdict(self),
+            "note": "label-free regression of block statistics of training images; not DINOv3",
+        }
 
 
 def block_targets(images: torch.Tensor, grid: int) -> torch.Tensor:
     """``[N, C, H, W]`` → ``[N, C·grid²]`` block means (the regression target before standardising)."""
     return F.adaptive_avg_pool2d(images.float(), grid).flatten(1)
+
+
+def _unit_hu(images: torch.Tensor, preprocessing: PreprocessingConfig | None) -> torch.Tensor:
+    """The middle channel of ``[N, 3, H, W]`` model inputs back in HU, ``[N, 1, H, W]``."""
+    pre = preprocessing or PreprocessingConfig()
+    c = images.shape[1] // 2
+    lo, hi = pre.hu_window
+    unit = images[:, c : c + 1].float() * float(pre.normalize_std[c]) + float(pre.normalize_mean[c])
+    return lo + unit * (hi - lo)
+
+
+def _indicators(hu: torch.Tensor, cfg: PretextConfig) -> list[torch.Tensor]:
+    out = []
+    for f in cfg.fractions:
+        inside = torch.ones_like(hu, dtype=torch.bool)
+        if f.below_hu is not None:
+            inside &= hu < f.below_hu
+        if f.above_hu is not None:
+            inside &= hu > f.above_hu
+        out.append(inside.float())
+    return out
+
+
+def fraction_targets(
+    images: torch.Tensor, cfg: PretextConfig, preprocessing: PreprocessingConfig | None = None
+) -> torch.Tensor:
+    """``[N, 3, H, W]`` model inputs → per entry of ``cfg.fractions``, the share of each block's
+    middle-channel pixels below / above its HU threshold(s), read back through ``preprocessing``'s
+    normalisation and window: ``[N, Σ grid²]`` (``[N, 0]`` without fractions)."""
+    if not cfg.fractions:
+        return images.new_zeros((images.shape[0], 0), dtype=torch.float32)
+    hu = _unit_hu(images, preprocessing)
+    return torch.cat(
+        [
+            F.adaptive_avg_pool2d(m, f.grid).flatten(1)
+            for m, f in zip(_indicators(hu, cfg), cfg.fractions, strict=True)
+        ],
+        1,
+    )
+
+
+def pretext_targets(
+    images: torch.Tensor, cfg: PretextConfig, preprocessing: PreprocessingConfig | None = None
+) -> torch.Tensor:
+    """The CLS token's unstandardised regression target: block means, then the voxel fractions."""
+    return torch.cat([block_targets(images, cfg.grid), fraction_targets(images, cfg, preprocessing)], 1)
+
+
+def patch_targets(
+    images: torch.Tensor, patch: int, cfg: PretextConfig, preprocessing: PreprocessingConfig | None = None
+) -> torch.Tensor:
+    """The patch tokens' target (``patch_weight``): per ``patch × patch`` patch, its per-channel means and
+    its share of pixels beyond each fraction threshold, ``[N, patches, 3 + len(fractions)]`` (row-major,
+    the order of the ViT's patch tokens)."""
+    maps = [images.float(), *_indicators(_unit_hu(images, preprocessing), cfg)]
+    return F.avg_pool2d(torch.cat(maps, 1), patch).flatten(2).transpose(1, 2)
+
+
+def _standardise(y: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
+    return (y - y.mean(dims)) / (y.std(dims) + 1e-3)
 
 
 def pretrain_backbone(
@@ -58,8 +124,10 @@ def pretrain_backbone(
     *,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    preprocessing: PreprocessingConfig | None = None,
 ) -> PretextResult:
-    """Train ``vit`` in place on ``images [N, 3, H, W]`` (model inputs, ImageNet-normalised).
+    """Train ``vit`` in place on ``images [N, 3, H, W]`` (model inputs, ImageNet-normalised by
+    ``preprocessing``, default the serving defaults: the HU thresholds are read back through it).
 
     The backbone's ``requires_grad`` and train/eval state are restored afterwards (eval, frozen).
     Deterministic for a given ``seed`` and thread count.
@@ -70,11 +138,22 @@ def pretrain_backbone(
         raise ValueError(f"pretext images must be [N, C, H, W] with N > 0, got {images.shape}")
     t0 = time.perf_counter()
     x_all = torch.from_numpy(np.ascontiguousarray(images))
+    chunks = range(0, x_all.shape[0], 256)
     with torch.no_grad():
-        y_all = torch.cat(
-            [block_targets(x_all[i : i + 256], cfg.grid) for i in range(0, x_all.shape[0], 256)]
+        y_all = _standardise(
+            torch.cat([pretext_targets(x_all[i : i + 256], cfg, preprocessing) for i in chunks]), 0
         )
-        y_all = (y_all - y_all.mean(0)) / (y_all.std(0) + 1e-3)
+        patch = (
+            vit.config.patch_size if isinstance(vit.config.patch_size, int) else int(vit.config.patch_size[0])
+        )
+        p_all = (
+            _standardise(
+                torch.cat([patch_targets(x_all[i : i + 256], patch, cfg, preprocessing) for i in chunks]),
+                (0, 1),
+            )
+            if cfg.patch_weight > 0
+            else None
+        )
     gen = torch.Generator().manual_seed(seed)
     readout = nn.Linear(vit.config.hidden_size, y_all.shape[1])
     # In train mode DINOv3 draws RoPE augmentation (``pos_embed_rescale``) from the global torch RNG:
@@ -83,11 +162,18 @@ def pretrain_backbone(
         torch.manual_seed(seed)
         nn.init.normal_(readout.weight, std=0.02)
         nn.init.zeros_(readout.bias)
-        first, last = _fit(vit, readout, x_all, y_all, cfg, gen, progress)
+        patch_readout = None
+        if p_all is not None:
+            patch_readout = nn.Linear(vit.config.hidden_size, p_all.shape[2])
+            nn.init.normal_(patch_readout.weight, std=0.02)
+            nn.init.zeros_(patch_readout.bias)
+        first, last = _fit(vit, readout, x_all, y_all, cfg, gen, progress, patch_readout, p_all)
     seconds = time.perf_counter() - t0
     logger.info("pretext warm start: %d steps on %d images, loss %.3f → %.3f (%.0f s)",
                 cfg.steps, x_all.shape[0], first, last, seconds)  # fmt: skip
-    return PretextResult(cfg.to_dict(), int(x_all.shape[0]), round(first, 4), round(last, 4), round(seconds, 1))
+    return PretextResult(
+        cfg.to_dict(), int(x_all.shape[0]), round(first, 4), round(last, 4), round(seconds, 1)
+    )
 
 
 def _fit(
@@ -98,9 +184,17 @@ def _fit(
     cfg: PretextConfig,
     gen: torch.Generator,
     progress: Callable[[int, int, float], None] | None,
+    patch_readout: nn.Linear | None = None,
+    p_all: torch.Tensor | None = None,
 ) -> tuple[float, float]:
-    """The regression loop; returns the first and last batch loss. Leaves ``vit`` frozen in eval mode."""
-    params = [*vit.parameters(), *readout.parameters()]
+    """The regression loop; returns the first and last batch loss (the CLS term plus the weighted
+    patch term, if any). Leaves ``vit`` frozen in eval mode."""
+    params = [
+        *vit.parameters(),
+        *readout.parameters(),
+        *(patch_readout.parameters() if patch_readout else ()),
+    ]
+    prefix = 1 + int(getattr(vit.config, "num_register_tokens", 0))
     for p in vit.parameters():
         p.requires_grad_(True)
     vit.train()
@@ -110,8 +204,10 @@ def _fit(
     try:
         for step in range(cfg.steps):
             idx = torch.randint(0, x_all.shape[0], (min(cfg.batch_size, x_all.shape[0]),), generator=gen)
-            cls = vit(pixel_values=x_all[idx].float()).last_hidden_state[:, 0]
-            loss = F.mse_loss(readout(cls), y_all[idx])
+            hidden = vit(pixel_values=x_all[idx].float()).last_hidden_state
+            loss = F.mse_loss(readout(hidden[:, 0]), y_all[idx])
+            if patch_readout is not None and p_all is not None:
+                loss = loss + cfg.patch_weight * F.mse_loss(patch_readout(hidden[:, prefix:]), p_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)

@@ -481,7 +481,7 @@ def warm_start_backbone(cfg: RunConfig, train_ds: ScanDataset) -> tuple[FrozenBa
     backbone = build_backbone(m.backbone, seed=cfg.seed, attn_implementation=m.attn_implementation)
     images = pretext_images(train_ds, m.pretext.images_per_scan, cfg.seed)
     bar = _Progress(cfg.progress, m.pretext.steps, "pretext")
-    result = pretrain_backbone(backbone.vit, images, m.pretext, seed=cfg.seed,
+    result = pretrain_backbone(backbone.vit, images, m.pretext, seed=cfg.seed, preprocessing=train_ds.preprocessing,
                                progress=lambda _d, _t, loss: bar.update(loss=f"{loss:.4f}"))  # fmt: skip
     bar.close()
     return backbone, result
