@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from app.batch.filters import StudyFilter
 from app.batch.index import StudyRow
-from app.batch.runner import BatchConfig, BatchReport, StudyJob
+from app.batch.runner import BatchConfig, BatchReport, StudyJob, retrieval_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -164,24 +164,8 @@ def dicomweb_source(
         shutil.rmtree(cache, ignore_errors=True)  # leftovers of an interrupted run
         rows = search_studies(url, cfg.filters)
         report.studies_found = len(rows)
-        jobs = []
-        for row in rows:
-            why = cfg.filters.why_excluded(row)
-            if why is not None:
-                report.excluded[why] += 1
-                continue
-            folder = cache / row.study_uid
-            jobs.append(
-                StudyJob(
-                    row.study_uid,
-                    row.patient_id,
-                    row.accession,
-                    row.study_date,
-                    files=partial(fetch_study, url, row.study_uid, folder, max_bytes=max_cache_bytes),
-                    release=partial(shutil.rmtree, folder, ignore_errors=True),
-                    retrieve=True,
-                )
-            )
+        fetch = partial(fetch_study, url, max_bytes=max_cache_bytes)
+        jobs = retrieval_jobs(rows, cfg, report, cache, fetch)
         logger.info("%d studies from %s to process", len(jobs), url)
         return jobs
 

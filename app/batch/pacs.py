@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from app.batch.filters import StudyFilter
 from app.batch.index import StudyRow
-from app.batch.runner import BatchConfig, BatchReport, StudyJob
+from app.batch.runner import BatchConfig, BatchReport, StudyJob, retrieval_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -113,27 +112,10 @@ class PacsSource:
             )
         found = find_studies(node, query_for(cfg.filters), calling_ae=calling_ae)  # type: ignore[arg-type]
         report.studies_found = len(found)
-        jobs = []
-        for study in found:
-            row = StudyRow(
-                study.study_uid, study.patient_id, study.accession, study.study_date, study.modalities, 0, 0
-            )
-            why = cfg.filters.why_excluded(row)
-            if why is not None:
-                report.excluded[why] += 1
-                continue
-            folder = cache / study.study_uid
-            jobs.append(
-                StudyJob(
-                    study.study_uid,
-                    study.patient_id,
-                    study.accession,
-                    study.study_date,
-                    files=partial(self._fetch, study.study_uid, folder),
-                    release=partial(shutil.rmtree, folder, ignore_errors=True),
-                    retrieve=True,
-                )
-            )
+        rows = [
+            StudyRow(s.study_uid, s.patient_id, s.accession, s.study_date, s.modalities, 0, 0) for s in found
+        ]
+        jobs = retrieval_jobs(rows, cfg, report, cache, self._fetch)
         logger.info("%d studies from %s to process", len(jobs), node)
         return jobs
 

@@ -12,9 +12,10 @@ preprocessing and writing hide behind inference. The stages are the application'
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.batch.discover import DiscoverConfig, discover
 from app.batch.filters import StudyFilter
-from app.batch.index import ArchiveIndex, IndexSummary, study_files
+from app.batch.index import ArchiveIndex, IndexSummary, StudyRow, study_files
 from app.batch.ledger import FindingRow, Ledger, StudyRecord
 from app.batch.send import BatchSender, SendConfig
 from app.batch.table import write_tables
@@ -184,6 +185,37 @@ def archive_jobs(cfg: BatchConfig, index: ArchiveIndex, report: BatchReport) -> 
             continue
         files = partial(study_files, index.path, row.study_uid)  # read when the study is loaded
         jobs.append(StudyJob(row.study_uid, row.patient_id, row.accession, row.study_date, files=files))
+    return jobs
+
+
+def retrieval_jobs(
+    rows: Iterable[StudyRow],
+    cfg: BatchConfig,
+    report: BatchReport,
+    cache: Path,
+    fetch: Callable[[str, Path], list[Path]],
+) -> list[StudyJob]:
+    """The jobs of a remote source (``--from-pacs``, ``--from-dicomweb``): each row the filters keep
+    (the others are counted in ``report.excluded``) becomes a job that retrieves its study with
+    ``fetch(uid, folder)`` into ``cache/<uid>`` when prepared, and removes it once recorded."""
+    jobs = []
+    for row in rows:
+        why = cfg.filters.why_excluded(row)
+        if why is not None:
+            report.excluded[why] += 1
+            continue
+        folder = cache / row.study_uid
+        jobs.append(
+            StudyJob(
+                row.study_uid,
+                row.patient_id,
+                row.accession,
+                row.study_date,
+                files=partial(fetch, row.study_uid, folder),
+                release=partial(shutil.rmtree, folder, ignore_errors=True),
+                retrieve=True,
+            )
+        )
     return jobs
 
 
