@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup peers test-peers demo demo-model test test-gpu lint lock clean map
+.PHONY: help setup peers test-peers demo demo-model test test-gpu gpu-bench lint lock clean map
 .PHONY: viewer-setup viewer-test
 .PHONY: map-image map-test
 
@@ -70,6 +70,9 @@ test: setup test-peers  ## Run the whole test suite (unit + real peers)
 
 test-gpu: setup  ## Run only the GPU tests (on a host with a CUDA GPU and the gpu extra)
 	$(BIN)/python -m pytest -m gpu
+
+gpu-bench: setup  ## All GPU figures of issue 13 + the GPU tests, time-limited steps (OUT=gpu-results)
+	PY=$(BIN)/python benchmarks/gpu_all.sh $(or $(OUT),gpu-results)
 
 # The OHIF check (viewer/README.md): OHIF v3's prebuilt app and playwright-core from npm, pinned with
 # their integrity in viewer/package-lock.json; Orthanc's DICOMweb plugin and Chromium from Debian.
