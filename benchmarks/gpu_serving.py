@@ -89,7 +89,11 @@ def ort_runner_engine(model_dir: Path, device: str, io_binding: bool | None) -> 
     from operators.ort_session import SessionOptions
 
     runner = HyperCTRunner(model_dir, SessionOptions(device=device), io_binding=io_binding)
-    info = {"resident": runner.plan.max_resident, "sessions": runner.plan.n_sessions, "plan": runner.plan.reason}
+    info = {
+        "resident": runner.plan.max_resident,
+        "sessions": runner.plan.n_sessions,
+        "plan": runner.plan.reason,
+    }
 
     def run(images: np.ndarray, mask: np.ndarray) -> None:
         runner.run(images, mask)
@@ -182,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.model import build_hyperct
     from training.tasks import TaskRegistry
 
-    device = ("cuda" if gpu_present() and torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = (
+        ("cuda" if gpu_present() and torch.cuda.is_available() else "cpu")
+        if args.device == "auto"
+        else args.device
+    )
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: PyTorch sees no CUDA device")
     precision = ("fp16" if device == "cuda" else "fp32") if args.precision == "auto" else args.precision
@@ -253,7 +261,11 @@ def environment(device: str) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    env = {"torch": torch.__version__, "onnxruntime": ort.__version__, "ort_providers": ort.get_available_providers()}
+    env = {
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "ort_providers": ort.get_available_providers(),
+    }
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
@@ -285,7 +297,9 @@ def report(res: dict[str, Any]) -> None:
                default=None)  # fmt: skip
     if best is not None and res["settings"]["device"] == "cuda":
         verdict = "met" if best <= GOAL_S else "NOT met"
-        print(f"goal (issue #13): all tasks of one study ≤ {GOAL_S * 1e3:.0f} ms: {verdict} ({best * 1e3:.1f} ms)")
+        print(
+            f"goal (issue #13): all tasks of one study ≤ {GOAL_S * 1e3:.0f} ms: {verdict} ({best * 1e3:.1f} ms)"
+        )
 
 
 if __name__ == "__main__":
