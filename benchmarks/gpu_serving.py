@@ -19,7 +19,9 @@ times one study of ``--images`` images through:
   lent machines, ``../shared/docs/gpu.md``), unknown on the CPU.
 
 Each engine is warmed up, then timed ``--reps`` times on studies it has not seen; medians are
-reported with the ratios to the floor and to PyTorch, and the goal line.
+reported with the ratios to the floor and to PyTorch, and the goal line; ``|Δlogit|`` is each engine's
+largest logit difference to the first engine's on one more study (fp16 against fp32 where PyTorch
+runs fp16).
 
     .venv/bin/python benchmarks/gpu_serving.py --device cpu --config tiny --tasks 3 --images 11  # smoke run
     python3 benchmarks/gpu_serving.py --json out.json          # on a GPU host: ViT-B/16, 25 tasks, 55 images
@@ -71,7 +73,9 @@ def flops_per_image(model: Any, key: str) -> float:
     return float(counter.get_total_flops())
 
 
-def timed(fn: Callable[[np.ndarray, np.ndarray], Any], n_images: int, warmup: int, reps: int) -> list[float]:
+def timed(
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray], n_images: int, warmup: int, reps: int
+) -> list[float]:
     """Seconds per call of ``fn`` on ``reps`` fresh studies, after ``warmup`` calls."""
     for i in range(warmup):
         fn(*study(n_images, 100 + i))
@@ -95,8 +99,8 @@ def ort_runner_engine(model_dir: Path, device: str, io_binding: bool | None) -> 
         "plan": runner.plan.reason,
     }
 
-    def run(images: np.ndarray, mask: np.ndarray) -> None:
-        runner.run(images, mask)
+    def run(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.array([out.logit for out in runner.run(images, mask).values()])
 
     run.close = runner.close  # type: ignore[attr-defined]
     return run, info
@@ -122,25 +126,28 @@ def ort_cuda_graph_engine(model_dir: Path, n_images: int) -> tuple[Callable, dic
         session = ort.InferenceSession(
             str(model_dir / task.file), so, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
         )
-        shapes = session.run(None, {"images": images, "mask": mask})  # output shapes, before capture
         binding = session.io_binding()
         binding.bind_ortvalue_input("images", x)
         binding.bind_ortvalue_input("mask", m)
         outs = []
-        for meta, value in zip(session.get_outputs(), shapes, strict=True):
-            out = ort.OrtValue.ortvalue_from_shape_and_type(value.shape, value.dtype, "cuda", 0)
+        for meta in session.get_outputs():  # fixed buffers: "N" is this study's image count
+            shape = [n_images if not isinstance(d, int) else d for d in meta.shape]
+            out = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", 0)
             binding.bind_ortvalue_output(meta.name, out)
             outs.append(out)
-        session.run_with_iobinding(binding)  # the capture
+        for _ in range(3):  # ORT warms up, then captures; later runs replay
+            session.run_with_iobinding(binding)
         bindings.append((session, binding, outs))
 
-    def run(images: np.ndarray, mask: np.ndarray) -> None:
+    def run(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
         x.update_inplace(images)
         m.update_inplace(mask)
+        logits = []
         for session, binding, outs in bindings:
             session.run_with_iobinding(binding)
-            for out in outs:
-                out.numpy()
+            values = [out.numpy() for out in outs]
+            logits.append(float(values[0].reshape(-1)[0]))
+        return np.array(logits)
 
     run.close = bindings.clear  # type: ignore[attr-defined]
     return run, {"sessions": len(bindings)}
@@ -152,12 +159,12 @@ def torch_engine(model: Any, keys: list[str], device: str) -> tuple[Callable, di
     dtype = torch.float16 if device == "cuda" else torch.float32
     modules = [model.merged_task_model(k).eval().to(device=device, dtype=dtype) for k in keys]
 
-    def run(images: np.ndarray, mask: np.ndarray) -> None:
+    def run(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(images).to(device=device, dtype=dtype)
             mk = torch.from_numpy(mask).to(device)
             logits = [module(x, mk) for module in modules]
-            torch.stack([lg.reshape(-1)[0].float() for lg in logits]).cpu()
+            return torch.stack([lg.reshape(-1)[0].float() for lg in logits]).cpu().numpy()
 
     run.close = modules.clear  # type: ignore[attr-defined]
     return run, {"dtype": str(dtype).removeprefix("torch.")}
@@ -232,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if device == "cuda":
         engines.insert(3, ("ort_cuda_graph", lambda: ort_cuda_graph_engine(folders["merged"], args.images)))
+    check_study = study(args.images, 999)
+    reference: np.ndarray | None = None  # the first engine's logits: every other engine is compared to it
     for name, make in engines:
         if name in skip:
             continue
         try:
             run, info = make()
             times = timed(run, args.images, args.warmup, args.reps)
+            logits = run(*check_study)
             run.close()  # type: ignore[attr-defined]
         except Exception as exc:  # an engine that does not work here is a result, not the end of the run
             logger.exception("%s failed", name)
@@ -247,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
-        res["engines"][name] = {**info, "median_s": statistics.median(times), "min_s": min(times)}
+        reference = reference if reference is not None else logits
+        delta = float(np.max(np.abs(logits - reference)))
+        res["engines"][name] = {
+            **info, "median_s": statistics.median(times), "min_s": min(times), "max_dlogit": delta,
+        }  # fmt: skip
         print(f"  {name}: {statistics.median(times) * 1e3:.1f} ms per study", flush=True)
     report(res)
     if args.json:
@@ -278,16 +292,16 @@ def hopper(env: dict[str, Any]) -> bool:
 def report(res: dict[str, Any]) -> None:
     floor = res["floor"]["seconds"]
     torch_s = res["engines"].get("torch", {}).get("median_s")
-    print(f"\n{'engine':<24}{'ms/study':>10}{'× floor':>10}{'vs torch':>10}  notes")
+    print(f"\n{'engine':<24}{'ms/study':>10}{'× floor':>10}{'vs torch':>10}{'|Δlogit|':>10}  notes")
     for name, e in res["engines"].items():
         if "error" in e:
-            print(f"{name:<24}{'failed':>10}{'':>10}{'':>10}  {e['error'][:90]}")
+            print(f"{name:<24}{'failed':>10}{'':>30}  {e['error'][:90]}")
             continue
         s = e["median_s"]
         x_floor = f"{s / floor:.1f}" if floor else "-"
         vs = f"{torch_s / s:.2f}×" if torch_s and name != "torch" else "-"
         notes = e.get("plan", e.get("dtype", ""))
-        print(f"{name:<24}{s * 1e3:>10.1f}{x_floor:>10}{vs:>10}  {notes}")
+        print(f"{name:<24}{s * 1e3:>10.1f}{x_floor:>10}{vs:>10}{e['max_dlogit']:>10.1e}  {notes}")
     if floor:
         print(f"{'floor':<24}{floor * 1e3:>10.1f}  ({res['floor']['gflop_per_image']:.3g} GFLOP/image at "
               f"{res['floor']['peak_tflops']:g} TFLOP/s)")  # fmt: skip
