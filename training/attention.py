@@ -345,7 +345,10 @@ def pointing_game(
     for case in cases:
         outputs = runner.run(case.images, case.mask, tasks=keys)
         for k in keys:
-            got = pointing_hit(outputs[k].attention, case.target)
+            attention = outputs[k].attention
+            if attention is None:
+                raise ValueError(f"model {runner.manifest.name} has no attention output: no pointing game")
+            got = pointing_hit(attention, case.target)
             res = results[k]
             if got is None:
                 res.details.append({"case": case.name, "hit": None})

@@ -108,7 +108,7 @@ def masked_cases(
         model_input = preprocess(volume, preprocessing)
         for column, voxels in masks.items():
             key = lookup.get(normalise_column(column))
-            if key not in tasks:
+            if key is None or key not in tasks:
                 continue
             target = model_space_target(voxels, volume.affine, model_input.transform)
             target &= np.asarray(model_input.mask, dtype=bool)[:, None, None]

@@ -519,7 +519,7 @@ def _state_payload(
     history: list[dict[str, Any]],
     tasks: Sequence[str],
 ) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]  # the legacy tuple
     return {
         "epoch": epoch,
         "tasks": list(tasks),

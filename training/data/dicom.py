@@ -79,11 +79,11 @@ def dicom_records(
 
     records: list[ScanRecord] = []
     for key, row in rows.items():
-        series = by_key.get(key)
-        if series is None:
+        candidates = by_key.get(key)
+        if candidates is None:
             bad.report(f"{row.where}: no DICOM study with {key_column} {key} under the DICOM folder")
             continue
-        result = select_series(series, selection)
+        result = select_series(candidates, selection)
         if result.selected is None:
             bad.report(f"{row.where}: study {key}: {result.why}")
             continue

@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -166,7 +167,7 @@ def design_studies(
     return studies
 
 
-def _geometry(rng: np.random.Generator, kind: str, pre: PreprocessingConfig | None) -> dict[str, object]:
+def _geometry(rng: np.random.Generator, kind: str, pre: PreprocessingConfig | None) -> dict[str, Any]:
     if kind == "model":
         if pre is None or pre == PreprocessingConfig():
             return {}
