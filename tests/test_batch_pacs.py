@@ -84,6 +84,58 @@ def test_c_find_applies_modality_and_accession_and_c_get_retrieves(orthanc, stud
     assert 0 < len(capped.files) < len(sent) and capped.failed > 0  # the cache bound refuses the rest
 
 
+def test_a_transient_association_failure_is_retried_and_a_permanent_rejection_is_not(
+    orthanc, studies, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A busy or unreachable PACS costs a pause, not the study; an AE title it refuses fails at once."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    import app.batch.pacs as pacs
+    import app.dimse.query as query
+
+    monkeypatch.setattr(pacs, "RETRY_DELAYS_S", (0.01, 0.01))
+    uid = study_uid(studies["a"])
+    # nothing listens: three tries, then the error that says so
+    closed = pacs_source(f"NOBODY@{LOOPBACK}:{free_port()}", calling_ae=CALLING_AE)
+    with caplog.at_level("WARNING", logger="app.batch.pacs"), pytest.raises(query.QueryError) as err:
+        closed._fetch(uid, tmp_path / "closed")
+    assert err.value.transient and "cannot connect" in str(err.value)
+    retries = [r.getMessage().split(" failed")[0] for r in caplog.records if r.name == "app.batch.pacs"]
+    assert retries == [f"study {uid}: try 1", f"study {uid}: try 2"]
+
+    # a PACS that answers on the second try: the study is retrieved whole
+    calls: list[str] = []
+    real_get = query.get_study
+
+    def flaky_get(*args: object, **kwargs: object) -> object:
+        calls.append("get")
+        if len(calls) == 1:
+            raise query.QueryError("busy", transient=True)
+        return real_get(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(query, "get_study", flaky_get)
+    files = pacs_source(_node(orthanc), calling_ae=CALLING_AE)._fetch(uid, tmp_path / "flaky")
+    assert len(calls) == 2 and len(files) == len(list(studies["a"].rglob("*.dcm")))
+    monkeypatch.setattr(query, "get_study", real_get)
+
+    # an SCP that refuses our called AE title: a permanent A-ASSOCIATE-RJ, one try, the reason named
+    scp = AE(ae_title="STRICT")
+    scp.require_called_aet = True
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server((LOOPBACK, port), block=False)
+    try:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="app.batch.pacs"), pytest.raises(query.QueryError) as err:
+            pacs_source(f"WRONG@{LOOPBACK}:{port}", calling_ae=CALLING_AE)._fetch(uid, tmp_path / "strict")
+    finally:
+        server.shutdown()
+    assert not err.value.transient and not [r for r in caplog.records if r.name == "app.batch.pacs"]
+    assert "rejected the association permanently" in str(err.value)
+    assert "called AE title not recognised" in str(err.value)
+
+
 def test_process_from_pacs_equals_hyperct_run(orthanc, studies, model_dir: Path, tmp_path: Path) -> None:
     runner = HyperCTRunner(model_dir)
     out = tmp_path / "out"

@@ -5,13 +5,16 @@ prepares it, into
 ``OUT/_batch/cache/pacs/<StudyInstanceUID>/``, and deleted once its results are recorded, so the
 cache never holds more than the prefetch queue (``--prefetch`` + 1 studies) and no study larger
 than ``--cache-gb``. The C-FIND applies the date, modality and accession filters at the PACS; the
-same :class:`~app.batch.filters.StudyFilter` then checks each answer again here.
+same :class:`~app.batch.filters.StudyFilter` then checks each answer again here. A retrieval whose
+association fails for a passing reason (no connection, no answer in time, an abort, a transient
+rejection) is tried again after a pause, ``RETRY_DELAYS_S``; a permanent rejection is not.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,10 @@ from app.batch.index import StudyRow
 from app.batch.runner import BatchConfig, BatchReport, StudyJob, retrieval_jobs
 
 logger = logging.getLogger(__name__)
+
+#: Pauses before the second and third try of a study's retrieval whose association failed transiently
+#: (a PACS busy with other associations, a loaded host): a batch should not lose a study to that.
+RETRY_DELAYS_S = (2.0, 10.0)
 
 
 def query_for(filters: StudyFilter) -> object:
@@ -70,16 +77,30 @@ class PacsSource:
             self._receiver.close()
             self._receiver = None
 
-    def _fetch(self, uid: str, folder: Path) -> list[Path]:
-        from app.dimse.query import MOVE_HINTS, get_study, move_study
+    def _retrieve(self, uid: str, folder: Path) -> Any:
+        from app.dimse.query import QueryError, get_study, move_study
 
         node, calling_ae, max_bytes = self.node, self.calling_ae, self.max_cache_bytes
-        if self.retrieve == "move":
-            got = move_study(node, uid, folder, self._receiver, calling_ae=calling_ae, max_bytes=max_bytes)
-            verb = "C-MOVE"
-        else:
-            got = get_study(node, uid, folder, calling_ae=calling_ae, max_bytes=max_bytes)
-            verb = "C-GET"
+        for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+            try:
+                if self.retrieve == "move":
+                    return move_study(
+                        node, uid, folder, self._receiver, calling_ae=calling_ae, max_bytes=max_bytes
+                    )
+                return get_study(node, uid, folder, calling_ae=calling_ae, max_bytes=max_bytes)
+            except QueryError as exc:
+                if not exc.transient or delay is None:
+                    raise
+                logger.warning("study %s: try %d failed (%s); again in %g s", uid, attempt, exc, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fetch(self, uid: str, folder: Path) -> list[Path]:
+        from app.dimse.query import MOVE_HINTS
+
+        node, calling_ae = self.node, self.calling_ae
+        got = self._retrieve(uid, folder)
+        verb = "C-MOVE" if self.retrieve == "move" else "C-GET"
         if not got.files:
             hint = MOVE_HINTS.get(got.status or 0, "") if self.retrieve == "move" else ""
             if self.retrieve == "move" and not hint and got.failed:

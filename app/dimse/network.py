@@ -23,7 +23,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, cast
 
 from pydantic import AfterValidator
 
@@ -375,6 +375,15 @@ class RemoteNode:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{_format_host(self.host)}:{self.port}"  # round-trips through parse()
+
+
+def tls_args(node: RemoteNode) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for a requestor: the client context and the name the server
+    certificate must match (None where the node's TLS settings skip the hostname check)."""
+    if node.tls is None:
+        return None
+    hostname = node.host if node.tls.verify_hostname else None
+    return node.tls.client_context(), cast(str, hostname)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 
-from app.dimse.network import RemoteNode
+from app.dimse.negotiation import Negotiation
+from app.dimse.network import RemoteNode, tls_args
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,15 @@ _UID = re.compile(r"^[0-9.]{1,64}$")
 
 
 class QueryError(ConnectionError):
-    """The PACS could not be reached, refused the association, or answered with a failure."""
+    """The PACS could not be reached, refused the association, or answered with a failure.
+
+    ``transient``: worth another try (no connection, no answer in time, an abort, a rejection the
+    PACS itself calls transient); a permanent rejection (unknown AE title, say) is not.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -120,13 +129,23 @@ def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
 
 @contextmanager
 def _association(ae: Any, node: RemoteNode, **kwargs: Any) -> Iterator[Any]:
-    tls_args = (node.tls.client_context(), node.host) if node.tls is not None else None
+    info = Negotiation()
+    handlers = [*kwargs.pop("evt_handlers", []), *info.handlers()]
     try:
-        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, tls_args=tls_args, **kwargs)
+        assoc = ae.associate(
+            node.host,
+            node.port,
+            ae_title=node.ae_title,
+            tls_args=tls_args(node),
+            evt_handlers=handlers,
+            **kwargs,
+        )
     except OSError as exc:
-        raise QueryError(f"cannot connect to {node}: {exc}") from exc
+        raise QueryError(f"cannot connect to {node}: {exc}", transient=True) from exc
     if not assoc.is_established:
-        raise QueryError(f"{node} rejected or did not answer the association request")
+        info.settle(assoc)
+        text, transient = info.failure(node, assoc)
+        raise QueryError(text, transient=transient)
     try:
         yield assoc
     finally:
@@ -258,7 +277,9 @@ class MoveReceiver:
                 (bind, port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
             )
         except OSError as exc:
-            raise QueryError(f"--move-port {port}: cannot listen for C-MOVE ({exc.strerror or exc})") from None
+            raise QueryError(
+                f"--move-port {port}: cannot listen for C-MOVE ({exc.strerror or exc})"
+            ) from None
         logger.info("C-MOVE destination %s listening on port %d", ae_title, port)
 
     def _on_store(self, event: Any) -> int:
@@ -273,7 +294,9 @@ class MoveReceiver:
         with self._lock:
             entry = self._studies.get(study)
             if entry is None:
-                logger.warning("C-MOVE: refused instance %s of study %s, which is not being retrieved", sop_uid, study)
+                logger.warning(
+                    "C-MOVE: refused instance %s of study %s, which is not being retrieved", sop_uid, study
+                )
                 return 0xC212  # refused: no retrieval of that study in progress
             folder, report, max_bytes = entry
             if max_bytes is not None and report.bytes + len(data) > max_bytes:

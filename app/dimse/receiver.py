@@ -176,7 +176,9 @@ class InstanceStore(Protocol):
         power loss included — before returning; raise on any failure, leaving nothing recorded.
         ``conflict``: the SOP Instance UID belongs to another study; nothing was kept."""
 
-    def note_error(self, kind: str, message: str, study_uid: str | None = None, sop_uid: str | None = None) -> None:
+    def note_error(
+        self, kind: str, message: str, study_uid: str | None = None, sop_uid: str | None = None
+    ) -> None:
         """Keep a note of an instance that could not be stored (must not raise)."""
 
 
@@ -213,7 +215,9 @@ def store_encoded(store: InstanceStore, raw: bytes, *, transfer_syntax: str, cal
         try:
             instance = describe_instance(header, transfer_syntax, calling_ae)
             if request_uid is not None and instance.sop_uid != request_uid:
-                raise ValueError(f"dataset SOPInstanceUID {instance.sop_uid} differs from the request's {request_uid}")
+                raise ValueError(
+                    f"dataset SOPInstanceUID {instance.sop_uid} differs from the request's {request_uid}"
+                )
             store.check(instance)
         except Exception as exc:  # noqa: BLE001
             problem = exc
@@ -374,4 +378,3 @@ class DicomReceiver:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
-

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar, cast
+from typing import ClassVar
 
 from pydantic import Field
 from pydicom import dcmread
@@ -24,14 +23,14 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from app.dimse.network import RemoteNode, enable_tcp_nodelay, validate_ae_title
+from app.dimse.negotiation import Negotiation
+from app.dimse.network import RemoteNode, enable_tcp_nodelay, tls_args, validate_ae_title
 from operators.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -239,89 +238,29 @@ def _batches(files: Sequence[_File]) -> list[list[_File]]:
     return batches
 
 
-@dataclass
-class _Negotiation:
-    """What the association events told us (pynetdicom only logs why a connection failed)."""
-
-    connected: bool = False
-    reject: tuple[int, int, int] | None = None  # A-ASSOCIATE-RJ (result, source, reason)
-
-
-_RJ_SOURCES = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
-_RJ_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised",
-    (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
-
-
-def _tls_args(destination: RemoteNode) -> tuple[ssl.SSLContext, str] | None:
-    """pynetdicom's ``tls_args``: the client context and the name the server certificate must match."""
-    if destination.tls is None:
-        return None
-    hostname = destination.host if destination.tls.verify_hostname else None
-    return destination.tls.client_context(), cast(str, hostname)  # None: no hostname check
-
-
 def _associate(
     destination: RemoteNode, calling_ae: str, contexts: Sequence[tuple[UID, UID]], timeout_s: float
-) -> tuple[Association, _Negotiation]:
+) -> tuple[Association, Negotiation]:
     enable_tcp_nodelay()
     ae = AE(ae_title=validate_ae_title(calling_ae, "calling AE title"))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     ae.requested_contexts = [build_context(sop, ts) for sop, ts in contexts]
-    info = _Negotiation()
-
-    def on_open(event: evt.Event) -> None:
-        info.connected = True
-
-    def on_acse(event: evt.Event) -> None:
-        rj = event.primitive  # type: ignore[attr-defined]
-        if getattr(rj, "result", None) in (0x01, 0x02):
-            info.reject = (int(rj.result), int(rj.result_source), int(rj.diagnostic))
-
-    def on_pdu(event: evt.Event) -> None:
-        # A peer that closes the connection right after its A-ASSOCIATE-RJ (DCMTK does) can make
-        # pynetdicom report an abort instead of the rejection; the PDU itself is still seen here.
-        rj = event.pdu
-        if isinstance(rj, A_ASSOCIATE_RJ) and info.reject is None:
-            info.reject = (int(rj.result or 0), int(rj.source or 0), int(rj.reason_diagnostic or 0))
-
+    info = Negotiation()
     assoc = ae.associate(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
-        tls_args=_tls_args(destination),
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), (evt.EVT_PDU_RECV, on_pdu)],
+        tls_args=tls_args(destination),
+        evt_handlers=info.handlers(),
     )
-    if not assoc.is_established and info.connected and info.reject is None:
-        assoc.dul.join(timeout=2)  # let the reactor finish decoding what the peer sent
+    info.settle(assoc)
     return assoc, info
 
 
-def _association_error(destination: RemoteNode, assoc: Association, info: _Negotiation) -> SendError:
+def _association_error(destination: RemoteNode, assoc: Association, info: Negotiation) -> SendError:
     """Classify a failed association: only a permanent A-ASSOCIATE-RJ or no usable context is permanent."""
-    if info.reject is not None:
-        result, source, reason = info.reject
-        how = "permanently" if result == 0x01 else "transiently"
-        text = (
-            f"{destination} rejected the association {how} (source: {_RJ_SOURCES.get(source, source)}; "
-            f"reason: {_RJ_REASONS.get((source, reason), reason)})"
-        )
-        return PermanentSendError(text) if result == 0x01 else TransientSendError(text)
-    tls = " (TLS)" if destination.tls else ""
-    if not info.connected:
-        return TransientSendError(
-            f"cannot connect to {destination}{tls}: refused, unreachable, timed out or handshake failed"
-        )
-    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
-        return PermanentSendError(f"{destination} accepted none of the proposed presentation contexts")
-    return TransientSendError(f"{destination}{tls} aborted the association or did not answer in time")
+    text, transient = info.failure(destination, assoc)
+    return TransientSendError(text) if transient else PermanentSendError(text)
 
 
 def _file_error(status: int) -> tuple[str, bool]:
@@ -458,7 +397,7 @@ def echo(destination: RemoteNode, calling_ae: str = "HYPERCT", *, timeout_s: flo
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
     ae.add_requested_context(Verification)
     assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=_tls_args(destination)
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args(destination)
     )
     if not assoc.is_established:
         LOGGER.info("C-ECHO to %s: no association", destination)
