@@ -4,8 +4,8 @@ raylets and worker processes on this machine, loopback only), against the local 
 Same findings bytes as the local engine; a rerun recomputes nothing; a study that kills its worker
 is failed after a bounded number of retries without stalling the run; a study whose task Ray retries
 after it wrote its results is published once; a node killed mid-run loses nothing; Ctrl-C leaves a
-consistent ledger; an unreachable cluster is one line and exit 2. Small on purpose: four 60-slice
-studies and two logical CPUs.
+consistent ledger; an unreachable cluster is one line and exit 2. Small on purpose: three 60-slice
+CT studies and two logical CPUs.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ from tests.peers import Orthanc, free_port
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-N_CT = 4
+N_CT = 3
 OBJECT_STORE = 80 * 1024**2
 CLIENT_PORT = free_port()  # the head's Ray client server (ray://)
 
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Four short eligible CT studies (60 slices) and an MR-only study (not processed)."""
+    """Three short eligible CT studies (60 slices) and an MR-only study (not processed)."""
     root = tmp_path_factory.mktemp("ray-studies")
     out = {f"ct{i}": study_dir(root / f"ct{i}", 40 + i, slices=60) for i in range(N_CT)}
     out["mr"] = study_dir(root / "mr", 49, slices=60, extras=("mr",))
@@ -164,15 +164,17 @@ def test_same_findings_bytes_as_the_local_engine_and_a_rerun_recomputes_nothing(
 def test_from_dicomweb_and_from_pacs_on_ray_give_the_same_findings(
     tmp_path: Path, studies: dict[str, Path], reference: Path, model_dir: Path, cluster: Cluster
 ) -> None:
-    """WADO-RS and C-GET retrieval run in the study task, on whichever node takes the study."""
+    """WADO-RS and C-GET retrieval run in the study task, on whichever node takes the study (two
+    studies, two in flight: one on each node)."""
     from app.batch.dicomweb import dicomweb_source
     from app.batch.pacs import pacs_source
     from tests.viewer_server import DICOMWEB_ROOT, orthanc_dicomweb_config
 
     config = {**orthanc_dicomweb_config(), "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True}
+    served = {study_uid(studies[k]) for k in ("ct0", "ct1")}
     with Orthanc(tmp_path / "orthanc", config=config) as orthanc:
-        for folder in studies.values():
-            for path in sorted(folder.rglob("*.dcm")):
+        for key in ("ct0", "ct1"):
+            for path in sorted(studies[key].rglob("*.dcm")):
                 orthanc.upload(path)
         host, port = orthanc.address
         sources = {
@@ -184,9 +186,11 @@ def test_from_dicomweb_and_from_pacs_on_ray_give_the_same_findings(
             report = run_batch(
                 BatchConfig(output=out, model=model_dir, show_progress=False, ray=_ray()), source=source
             )
-            assert report.outcomes == {"processed": N_CT, "not-processed": 1}, (name, report.outcomes)
-            assert (out / "findings.csv").read_bytes() == (reference / "findings.csv").read_bytes(), name
-            assert _study_files(out) == _study_files(reference), name
+            assert report.outcomes == {"processed": 2}, (name, report.outcomes)
+            assert _finding_rows(out) == [r for r in _finding_rows(reference) if r[0] in served], name
+            assert _study_files(out) == {k: v for k, v in _study_files(reference).items() if k in served}, (
+                name
+            )
             assert not any((out / "_batch" / "cache" / name).iterdir()), name
 
 
@@ -202,10 +206,8 @@ def test_poisoned_study_fails_after_bounded_retries_and_a_retried_study_is_writt
     poisoned, retried = study_uid(studies["ct0"]), study_uid(studies["ct1"])
     monkeypatch.setenv(FAULT_ENV, f"{poisoned},{retried}@written")
     out = tmp_path / "out"
-    t0 = time.monotonic()
-    report = _run(out, archive, model_dir)
+    report = _run(out, archive, model_dir)  # a stall would end at the test's timeout
     assert report.outcomes == {"processed": N_CT - 1, "not-processed": 1, "failed": 1}, report.outcomes
-    assert time.monotonic() - t0 < 600
     (error,) = [e for e in read_csv(out / "errors.csv") if e["item"] == poisoned]
     assert error["kind"] == "study"
     assert error["reason"].startswith("failed: worker lost on every try (2;"), error["reason"]
