@@ -88,11 +88,32 @@ def timed(
     return times
 
 
-def ort_runner_engine(model_dir: Path, device: str, io_binding: bool | None) -> tuple[Callable, dict]:
-    from operators.model_runner import HyperCTRunner
-    from operators.ort_session import SessionOptions
+class _Runners:
+    """One serving runner per model folder, shared by the engines that differ only in IO binding
+    (creating 25 ViT-B sessions on a GPU takes longer than timing them)."""
 
-    runner = HyperCTRunner(model_dir, SessionOptions(device=device), io_binding=io_binding)
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.open: dict[Path, Any] = {}
+
+    def get(self, model_dir: Path) -> Any:
+        from operators.model_runner import HyperCTRunner
+        from operators.ort_session import SessionOptions
+
+        for other in [d for d in self.open if d != model_dir]:
+            self.open.pop(other).close()
+        if model_dir not in self.open:
+            self.open[model_dir] = HyperCTRunner(model_dir, SessionOptions(device=self.device))
+        return self.open[model_dir]
+
+    def close(self) -> None:
+        while self.open:
+            self.open.popitem()[1].close()
+
+
+def ort_runner_engine(runners: _Runners, model_dir: Path, io_binding: bool | None) -> tuple[Callable, dict]:
+    runner = runners.get(model_dir)
+    runner.io_binding = io_binding
     info = {
         "resident": runner.plan.max_resident,
         "sessions": runner.plan.n_sessions,
@@ -102,7 +123,7 @@ def ort_runner_engine(model_dir: Path, device: str, io_binding: bool | None) -> 
     def run(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return np.array([out.logit for out in runner.run(images, mask).values()])
 
-    run.close = runner.close  # type: ignore[attr-defined]
+    run.close = lambda: None  # type: ignore[attr-defined]  # the next folder's get() closes it
     return run, info
 
 
@@ -231,19 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         res["export_s"][fmt] = round(time.perf_counter() - t, 1)
         print(f"  exported {fmt} {precision}: {res['export_s'][fmt]:.0f} s", flush=True)
 
+    runners = _Runners(device)
     engines: list[tuple[str, Callable[[], tuple[Callable, dict]]]] = [
-        ("ort_runner", lambda: ort_runner_engine(folders["merged"], device, None)),
-        ("ort_runner_no_binding", lambda: ort_runner_engine(folders["merged"], device, False)),
-        ("ort_factored", lambda: ort_runner_engine(folders["factored"], device, None)),
-        ("torch", lambda: torch_engine(model, keys, device)),
+        ("ort_runner", lambda: ort_runner_engine(runners, folders["merged"], None)),
+        ("ort_runner_no_binding", lambda: ort_runner_engine(runners, folders["merged"], False)),
+        ("ort_factored", lambda: ort_runner_engine(runners, folders["factored"], None)),
     ]
     if device == "cuda":
-        engines.insert(3, ("ort_cuda_graph", lambda: ort_cuda_graph_engine(folders["merged"], args.images)))
+        engines.append(("ort_cuda_graph", lambda: ort_cuda_graph_engine(folders["merged"], args.images)))
+    engines.append(("torch", lambda: torch_engine(model, keys, device)))
+    own_sessions = {"ort_cuda_graph", "torch"}  # the runners' sessions are released before these
     check_study = study(args.images, 999)
     reference: np.ndarray | None = None  # the first engine's logits: every other engine is compared to it
     for name, make in engines:
         if name in skip:
             continue
+        if name in own_sessions:
+            runners.close()
         try:
             run, info = make()
             times = timed(run, args.images, args.warmup, args.reps)
