@@ -96,3 +96,13 @@ def test_ground_truth_lands_on_the_finding_in_model_space() -> None:
     hu = volume.hu[masks["Pleural effusion"]]
     assert -100 < float(np.median(hu)) < 100
     assert dice(target, target) == 1.0 and dice(target, ~target) == 0.0
+
+
+def test_another_recipe_has_its_own_key_and_the_default_is_demo() -> None:
+    """``recipe=`` (``hyperct model demo --recipe``) builds a candidate the same way; the shipped recipe
+    stays the default and its key does not depend on the option being there."""
+    from training.demo_model import DEMO_RECIPE, _recipe_name
+
+    assert DEMO_RECIPE == "demo" and demo_key(0, ()) == demo_key(0, (), "demo")
+    assert demo_key(0, (), "demo-six") != demo_key(0, ())
+    assert _recipe_name("demo-six") == "training/recipes/demo-six.yaml"

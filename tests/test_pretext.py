@@ -139,3 +139,25 @@ def test_patch_term_trains_and_is_reproducible() -> None:
     assert ra.final_loss == rb.final_loss and ra.final_loss < ra.first_loss
     for k, v in a.vit.state_dict().items():
         torch.testing.assert_close(b.vit.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_interior_fractions_skip_the_air_around_the_body() -> None:
+    """``interior: true`` counts gas inside the body (a dark blob enclosed by tissue) but not the air
+    connected to the image border, which a plain ``below_hu`` fraction counts too."""
+    from operators.preprocessing import PreprocessingConfig, normalize_images
+    from training.pretext import _unit_hu, fraction_targets, outside_air
+
+    unit = np.zeros((1, 3, 144, 144), dtype=np.float32)  # -1000 HU: air everywhere
+    unit[0, :, 24:120, 24:120] = 0.5  # a 96 x 96 "body" of 0 HU
+    unit[0, :, 60:70, 60:70] = 0.0  # 100 pixels of gas inside it
+    x = torch.from_numpy(normalize_images(unit, PreprocessingConfig()))
+    outside = outside_air(_unit_hu(x, None))
+    assert bool(outside[0, 0, 0, 0]) and not bool(outside[0, 0, 65, 65]) and not bool(outside[0, 0, 72, 72])
+    cfg = PretextConfig.model_validate(
+        {"fractions": [{"grid": 1, "below_hu": -985, "interior": True}, {"grid": 1, "below_hu": -985}]}
+    )
+    y = fraction_targets(x, cfg)
+    torch.testing.assert_close(y[0, 0], torch.tensor(100 / 144**2))
+    torch.testing.assert_close(y[0, 1], torch.tensor((144**2 - 96**2 + 100) / 144**2))
+    plain = PretextConfig.model_validate({"fractions": [{"grid": 1, "below_hu": 0}]})
+    assert plain.fractions[0].interior is False

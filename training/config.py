@@ -43,6 +43,10 @@ class FractionTarget(_Section):
     grid: int = Field(ge=1)
     below_hu: float | None = None
     above_hu: float | None = None
+    #: Count only pixels inside the body: not in the air connected to the image border (a flood fill
+    #: of < -940 HU from the edge, ``training.pretext.outside_air``). Gas or low-attenuation lung then
+    #: varies with what is in the body, not with the body's outline (off: the outline dominates).
+    interior: bool = False
 
     @model_validator(mode="after")
     def _thresholds(self) -> FractionTarget:

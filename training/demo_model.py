@@ -33,6 +33,9 @@ DEMO_DESCRIPTION = "synthetic demo — not for clinical use"
 #: Held-out scoring of the exported demo model: other patients (patients 100000+, disjoint from the
 #: recipe's seed 0) with varied geometry (spacing, offsets, head/feet first), findings drawn independently.
 HELD_OUT_SEED, HELD_OUT_STUDIES = 1, 60
+#: The recipe ``make demo-model`` ships (``training/recipes/demo.yaml``); ``recipe=`` builds another one
+#: the same way (candidates, docs/training.md §8).
+DEMO_RECIPE = "demo"
 
 _ROOT = Path(__file__).resolve().parent.parent
 #: What the cached demo model depends on (globs under the project root): change any and it is rebuilt.
@@ -56,9 +59,14 @@ class DemoModel:
     validation_auroc: dict[str, float | None]
 
 
-def demo_key(seed: int = 0, overrides: Sequence[str] = ()) -> str:
+def demo_key(seed: int = 0, overrides: Sequence[str] = (), recipe: str = DEMO_RECIPE) -> str:
     """A digest of everything the demo model is a function of (recipe, overrides, seed, data, code)."""
     h = hashlib.sha256(f"seed={seed};overrides={list(overrides)};schema={SCHEMA_VERSION}".encode())
+    if recipe != DEMO_RECIPE:  # another recipe (e.g. a candidate, ``--recipe demo-six``): its own key
+        from training.config import recipe_path
+
+        h.update(f"recipe={recipe}".encode())
+        h.update(recipe_path(recipe).read_bytes())
     for pattern in _KEY_SOURCES:
         for path in sorted(_ROOT.glob(pattern)):
             h.update(path.relative_to(_ROOT).as_posix().encode())
@@ -66,14 +74,16 @@ def demo_key(seed: int = 0, overrides: Sequence[str] = ()) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_demo_model(out: Path, seed: int = 0, overrides: Sequence[str] = ()) -> Path | None:
+def cached_demo_model(
+    out: Path, seed: int = 0, overrides: Sequence[str] = (), recipe: str = DEMO_RECIPE
+) -> Path | None:
     """``out`` when it holds a valid demo model built from the same inputs, else None."""
     manifest_path = out / MANIFEST_NAME
     if not manifest_path.is_file():
         return None
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if data.get("training_data", {}).get("demo_key") != demo_key(seed, overrides):
+        if data.get("training_data", {}).get("demo_key") != demo_key(seed, overrides, recipe):
             return None
         load_manifest(out, verify_files=True)
     except Exception as exc:  # a broken or foreign folder is rebuilt, not served
@@ -90,13 +100,16 @@ def build_demo_model(
     progress: bool = True,
     overrides: Sequence[str] = (),
     held_out_studies: int = HELD_OUT_STUDIES,
+    recipe: str = DEMO_RECIPE,
 ) -> DemoModel:
     """Train, evaluate and export the demo model into ``out`` unless an up-to-date one is there.
 
     Thresholds are picked (Youden) on the recipe's validation split and recorded with the validation
     AUROC in the manifest. The work folder sits beside ``out`` and is removed afterwards; the export
     replaces ``out`` atomically, so an interrupted build never leaves a half-written model.
-    ``overrides`` (recipe settings, e.g. ``epochs=1`` in tests) are part of the cache key.
+    ``overrides`` (recipe settings, e.g. ``epochs=1`` in tests) are part of the cache key. ``recipe``
+    (a name under ``training/recipes`` or a YAML path) builds another recipe the same way; the default
+    is the shipped ``demo``.
     """
     from training.config import load_config
     from training.evaluate import evaluate_checkpoint
@@ -105,11 +118,11 @@ def build_demo_model(
 
     out = Path(out)
     t0 = time.perf_counter()
-    if not force and (hit := cached_demo_model(out, seed, overrides)) is not None:
+    if not force and (hit := cached_demo_model(out, seed, overrides, recipe)) is not None:
         return DemoModel(hit, True, time.perf_counter() - t0, _validation_auroc(hit))
 
-    key = demo_key(seed, overrides)
-    cfg = load_config("demo", [f"seed={seed}", f"progress={str(progress).lower()}", *overrides])
+    key = demo_key(seed, overrides, recipe)
+    cfg = load_config(recipe, [f"seed={seed}", f"progress={str(progress).lower()}", *overrides])
     work = out.parent / f".{out.name}.build"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -123,7 +136,7 @@ def build_demo_model(
         training_data = {
             "kind": "synthetic",
             "description": f"{DEMO_DESCRIPTION}: synthetic phantoms (synth), no patient data",
-            "recipe": "training/recipes/demo.yaml",
+            "recipe": "training/recipes/demo.yaml" if recipe == DEMO_RECIPE else _recipe_name(recipe),
             "studies": s.n_studies,
             "findings": list(s.findings),
             "splits": result.splits,
@@ -233,6 +246,18 @@ def _record_held_out(model_dir: Path, findings: Sequence[str], n_studies: int) -
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     for key, row in scores.items():
         logger.info("held-out %s: AUROC %s (%d+/%d-)", key, row["auroc"], row["positives"], row["negatives"])
+
+
+def _recipe_name(recipe: str) -> str:
+    """How the manifest names a non-default recipe: ``training/recipes/NAME.yaml`` for a bundled one,
+    else the file's name (never an absolute path)."""
+    from training.config import recipe_path
+
+    path = recipe_path(recipe)
+    try:
+        return path.resolve().relative_to(_ROOT).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _validation_auroc(model_dir: Path) -> dict[str, float | None]:

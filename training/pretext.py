@@ -66,10 +66,37 @@ def _unit_hu(images: torch.Tensor, preprocessing: PreprocessingConfig | None) ->
     return lo + unit * (hi - lo)
 
 
+#: Outside air: pixels whose 3 × 3 mean is below this (HU), connected to the image border.
+OUTSIDE_AIR_HU = -940.0
+
+
+def outside_air(hu: torch.Tensor, threshold: float = OUTSIDE_AIR_HU) -> torch.Tensor:
+    """``[N, 1, H, W]`` HU → bool mask of the air around the body: a flood fill (8-connected) of the
+    pixels whose 3 × 3 mean is below ``threshold`` from the image border, dilated by one pixel (the
+    noisy rim). Air inside the body (airways, gas, low-attenuation lung) is not reached."""
+    air = F.avg_pool2d(hu.float(), 3, stride=1, padding=1, count_include_pad=False) < threshold
+    seed = torch.zeros_like(air)
+    seed[..., 0, :] = seed[..., -1, :] = True
+    seed[..., :, 0] = seed[..., :, -1] = True
+    out = (seed & air).float()
+    airf = air.float()
+    while True:
+        nxt = out
+        for _ in range(8):
+            nxt = F.max_pool2d(nxt, 3, stride=1, padding=1) * airf
+        if torch.equal(nxt, out):
+            break
+        out = nxt
+    return F.max_pool2d(out, 3, stride=1, padding=1) > 0
+
+
 def _indicators(hu: torch.Tensor, cfg: PretextConfig) -> list[torch.Tensor]:
     out = []
+    inner = ~outside_air(hu) if any(f.interior for f in cfg.fractions) else None
     for f in cfg.fractions:
         inside = torch.ones_like(hu, dtype=torch.bool)
+        if f.interior and inner is not None:
+            inside &= inner
         if f.below_hu is not None:
             inside &= hu < f.below_hu
         if f.above_hu is not None:
@@ -79,37 +106,49 @@ def _indicators(hu: torch.Tensor, cfg: PretextConfig) -> list[torch.Tensor]:
 
 
 def fraction_targets(
-    images: torch.Tensor, cfg: PretextConfig, preprocessing: PreprocessingConfig | None = None
+    images: torch.Tensor,
+    cfg: PretextConfig,
+    preprocessing: PreprocessingConfig | None = None,
+    indicators: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[N, 3, H, W]`` model inputs → per entry of ``cfg.fractions``, the share of each block's
     middle-channel pixels below / above its HU threshold(s), read back through ``preprocessing``'s
-    normalisation and window: ``[N, Σ grid²]`` (``[N, 0]`` without fractions)."""
+    normalisation and window: ``[N, Σ grid²]`` (``[N, 0]`` without fractions). ``indicators``: the
+    per-pixel masks when already computed (``_indicators``)."""
     if not cfg.fractions:
         return images.new_zeros((images.shape[0], 0), dtype=torch.float32)
-    hu = _unit_hu(images, preprocessing)
+    if indicators is None:
+        indicators = _indicators(_unit_hu(images, preprocessing), cfg)
     return torch.cat(
-        [
-            F.adaptive_avg_pool2d(m, f.grid).flatten(1)
-            for m, f in zip(_indicators(hu, cfg), cfg.fractions, strict=True)
-        ],
+        [F.adaptive_avg_pool2d(m, f.grid).flatten(1) for m, f in zip(indicators, cfg.fractions, strict=True)],
         1,
     )
 
 
 def pretext_targets(
-    images: torch.Tensor, cfg: PretextConfig, preprocessing: PreprocessingConfig | None = None
+    images: torch.Tensor,
+    cfg: PretextConfig,
+    preprocessing: PreprocessingConfig | None = None,
+    indicators: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The CLS token's unstandardised regression target: block means, then the voxel fractions."""
-    return torch.cat([block_targets(images, cfg.grid), fraction_targets(images, cfg, preprocessing)], 1)
+    fractions = fraction_targets(images, cfg, preprocessing, indicators)
+    return torch.cat([block_targets(images, cfg.grid), fractions], 1)
 
 
 def patch_targets(
-    images: torch.Tensor, patch: int, cfg: PretextConfig, preprocessing: PreprocessingConfig | None = None
+    images: torch.Tensor,
+    patch: int,
+    cfg: PretextConfig,
+    preprocessing: PreprocessingConfig | None = None,
+    indicators: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The patch tokens' target (``patch_weight``): per ``patch × patch`` patch, its per-channel means and
     its share of pixels beyond each fraction threshold, ``[N, patches, 3 + len(fractions)]`` (row-major,
     the order of the ViT's patch tokens)."""
-    maps = [images.float(), *_indicators(_unit_hu(images, preprocessing), cfg)]
+    if indicators is None:
+        indicators = _indicators(_unit_hu(images, preprocessing), cfg)
+    maps = [images.float(), *indicators]
     return F.avg_pool2d(torch.cat(maps, 1), patch).flatten(2).transpose(1, 2)
 
 
@@ -139,21 +178,17 @@ def pretrain_backbone(
     t0 = time.perf_counter()
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     chunks = range(0, x_all.shape[0], 256)
+    patch = vit.config.patch_size if isinstance(vit.config.patch_size, int) else int(vit.config.patch_size[0])
     with torch.no_grad():
-        y_all = _standardise(
-            torch.cat([pretext_targets(x_all[i : i + 256], cfg, preprocessing) for i in chunks]), 0
-        )
-        patch = (
-            vit.config.patch_size if isinstance(vit.config.patch_size, int) else int(vit.config.patch_size[0])
-        )
-        p_all = (
-            _standardise(
-                torch.cat([patch_targets(x_all[i : i + 256], patch, cfg, preprocessing) for i in chunks]),
-                (0, 1),
-            )
-            if cfg.patch_weight > 0
-            else None
-        )
+        ys, ps = [], []
+        for i in chunks:
+            x = x_all[i : i + 256]
+            ind = _indicators(_unit_hu(x, preprocessing), cfg) if cfg.fractions else []
+            ys.append(pretext_targets(x, cfg, preprocessing, ind))
+            if cfg.patch_weight > 0:
+                ps.append(patch_targets(x, patch, cfg, preprocessing, ind))
+        y_all = _standardise(torch.cat(ys), 0)
+        p_all = _standardise(torch.cat(ps), (0, 1)) if cfg.patch_weight > 0 else None
     gen = torch.Generator().manual_seed(seed)
     readout = nn.Linear(vit.config.hidden_size, y_all.shape[1])
     # In train mode DINOv3 draws RoPE augmentation (``pos_embed_rescale``) from the global torch RNG:

@@ -276,13 +276,17 @@ def demo_command(
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild even when an up-to-date model is there.")
     ] = False,
+    recipe: Annotated[
+        str,
+        typer.Option("--recipe", help="Recipe to build (default: demo, the shipped one; e.g. demo-six)."),
+    ] = "demo",
 ) -> None:
     """``hyperct model demo [OUT]`` (imports training lazily: it trains)."""
     from app.commands.output import output_console
     from training.demo_model import build_demo_model
 
     console = output_console()
-    model = build_demo_model(out, seed=seed, force=force)
+    model = build_demo_model(out, seed=seed, force=force, recipe=recipe)
     how = "reused (up to date)" if model.cached else f"built in {model.seconds:.0f} s"
     aurocs = ", ".join(f"{k} {'—' if v is None else f'{v:.3f}'}" for k, v in model.validation_auroc.items())
     console.print(f"demo model {how}: {model.path}  validation AUROC: {aurocs}", highlight=False)
