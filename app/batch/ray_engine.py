@@ -193,6 +193,9 @@ class WorkerContext:
     app_config: AppConfig
     staging: str  # OUT/_batch/staging
     actors: tuple[Any, ...]  # inference actor handles
+    #: The driver's ``FAULT_ENV`` value. Carried here, not as the tasks' runtime environment: a
+    #: runtime environment of its own would start a separate pool of cold worker processes.
+    faults: str = ""
 
 
 @dataclass(frozen=True)
@@ -298,9 +301,9 @@ def _pipeline(ctx: WorkerContext) -> tuple[Any, ActorRunner]:
     return _PIPELINES[ctx.key]
 
 
-def _fault(study_uid: str, point: str, staging: Path) -> None:
-    """See :data:`FAULT_ENV`."""
-    for entry in os.environ.get(FAULT_ENV, "").split(","):
+def _fault(study_uid: str, point: str, staging: Path, faults: str) -> None:
+    """See :data:`FAULT_ENV` (``faults``: its value on the driver)."""
+    for entry in faults.split(","):
         uid, _, when = entry.strip().partition("@")
         if uid != study_uid or (when or "start") != point:
             continue
@@ -336,7 +339,7 @@ def process_study(ctx: WorkerContext, spec: StudySpec) -> StudyDone:
     from app.pipeline import INFER, WRITE
 
     staging_root = Path(ctx.staging)
-    _fault(spec.study_uid, "start", staging_root)
+    _fault(spec.study_uid, "start", staging_root, ctx.faults)
     pipeline, runner = _pipeline(ctx)
     staging = staging_root / uuid.uuid4().hex
     files: Callable[[], list[Path]] = spec.fetch or (lambda: [Path(f) for f in spec.files])
@@ -349,7 +352,7 @@ def process_study(ctx: WorkerContext, spec: StudySpec) -> StudyDone:
             raise runner.lost  # an inference actor died: Ray retries the whole study
         pipeline.run_stages(case, WRITE)
         summary = case.summary()
-        _fault(spec.study_uid, "written", staging_root)
+        _fault(spec.study_uid, "written", staging_root, ctx.faults)
         return StudyDone(slim(case), summary, str(staging))
     finally:
         if spec.release is not None:
@@ -453,8 +456,6 @@ class RayEngine:
             "max_retries": self.opts.max_retries,
             "retry_exceptions": [RayActorError],
         }
-        if os.environ.get(FAULT_ENV):
-            options["runtime_env"] = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}}
         self._remote = ray.remote(process_study).options(**options)
         warm = [ray.remote(warm_up).options(**options).remote() for _ in range(self.window())]
         self.on_gpu = self.resources().get("GPU", 0) >= 1
@@ -473,7 +474,7 @@ class RayEngine:
         ray.get(warm)
         self._ctx = ray.put(
             WorkerContext(uuid.uuid4().hex, str(self.cfg.model), self.cfg.app_config, str(self.staging),
-                          tuple(self.actors))
+                          tuple(self.actors), os.environ.get(FAULT_ENV, ""))
         )  # fmt: skip
 
     def _spec(self, job: StudyJob) -> StudySpec:
