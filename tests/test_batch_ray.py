@@ -233,12 +233,9 @@ def test_poisoned_study_fails_after_bounded_retries_and_a_retried_study_is_writt
     assert _study_files(out) == {k: v for k, v in _study_files(reference).items() if k in both}
 
 
-def test_cli_ctrl_c_stops_cleanly_and_the_rerun_resumes(
-    tmp_path: Path, archive: Path, reference: Path, model_dir: Path, cluster: Cluster
-) -> None:
-    """SIGINT to ``hyperct process --engine ray`` (a private cluster of its own): exit 130, the
-    ledger and tables hold what finished; the rerun on the shared cluster does the rest."""
-    out = tmp_path / "out"
+def _private_run_past_first_study(archive: Path, out: Path, model_dir: Path) -> subprocess.Popen[bytes]:
+    """``hyperct process --engine ray`` on a private one-CPU cluster, returned once it has recorded
+    its first study (so that a signal lands mid-run)."""
     cmd = [sys.executable, "-m", "app.cli", "process", str(archive), str(out), "-m", str(model_dir), "-q",
            "--engine", "ray", "--ray-cpus", "1", "--ray-object-store-mb", "80", "-w", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -247,6 +244,16 @@ def test_cli_ctrl_c_stops_cleanly_and_the_rerun_resumes(
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
         assert time.monotonic() < deadline, "no study finished within 300 s"
         time.sleep(0.05)
+    return proc
+
+
+def test_cli_ctrl_c_stops_cleanly_and_the_rerun_resumes(
+    tmp_path: Path, archive: Path, reference: Path, model_dir: Path, cluster: Cluster
+) -> None:
+    """SIGINT to ``hyperct process --engine ray`` (a private cluster of its own): exit 130, the
+    ledger and tables hold what finished; the rerun on the shared cluster does the rest."""
+    out = tmp_path / "out"
+    proc = _private_run_past_first_study(archive, out, model_dir)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
     recorded = _recorded(out)
@@ -293,14 +300,7 @@ def test_cli_driver_killed_9_leaves_no_ray_processes_and_the_rerun_resumes(
     cluster's processes (GCS, raylet, workers, agents) end with it, and the rerun on the shared cluster
     recomputes nothing that was recorded and gives the reference tables."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "app.cli", "process", str(archive), str(out), "-m", str(model_dir), "-q",
-           "--engine", "ray", "--ray-cpus", "1", "--ray-object-store-mb", "80", "-w", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while _recorded(out) < 1:
-        assert proc.poll() is None, "the run ended before its first study was recorded"
-        assert time.monotonic() < deadline, "no study finished within 300 s"
-        time.sleep(0.05)
+    proc = _private_run_past_first_study(archive, out, model_dir)
     ray_processes = _descendants(proc.pid)
     assert ray_processes, "a private cluster runs in child processes"
     proc.kill()
