@@ -17,6 +17,11 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray starts its workers at niceness 15 (below the raylet and the driver). Next to the suite's other
+# test workers (two trainings at niceness 0 on a 2-core CI host) that starves them: a replacement
+# worker took 3 minutes to import the stack and the poisoned-study test 400 s instead of 16 s. The
+# tests share the host fairly instead.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import shutil
 import signal
