@@ -12,7 +12,7 @@ from tests.test_training import small_config
 from training.backbone import build_backbone
 from training.config import ConfigError, PretextConfig, load_config
 from training.model import load_checkpoint
-from training.pretext import block_targets, pretrain_backbone
+from training.pretext import block_targets, pretrain_backbone, target_weights
 from training.train import train
 
 
@@ -161,3 +161,16 @@ def test_interior_fractions_skip_the_air_around_the_body() -> None:
     torch.testing.assert_close(y[0, 1], torch.tensor((144**2 - 96**2 + 100) / 144**2))
     plain = PretextConfig.model_validate({"fractions": [{"grid": 1, "below_hu": 0}]})
     assert plain.fractions[0].interior is False
+
+
+def test_fraction_weights_weigh_their_columns_in_the_cls_loss() -> None:
+    plain = PretextConfig(steps=1, grid=2, fractions=({"grid": 2, "below_hu": -950},))
+    assert target_weights(plain, 12 + 4) is None  # all 1: the plain mean squared error
+    cfg = PretextConfig(steps=1, grid=2, fractions=({"grid": 2, "below_hu": -950, "weight": 4},
+                                                    {"grid": 1, "above_hu": 400}))  # fmt: skip
+    w = target_weights(cfg, 12 + 4 + 1)  # 3 channels × 2² means, then 2², then 1²
+    assert w is not None and w.shape == (17,)
+    np.testing.assert_allclose(w.mean().item(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose((w / w[0]).tolist(), [1.0] * 12 + [4.0] * 4 + [1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        PretextConfig(fractions=({"grid": 2, "below_hu": -950, "weight": 0},))

@@ -21,6 +21,7 @@ from training.data import (
     DataError,
     ScanDataset,
     ScanRecord,
+    choose_tasks,
     collate,
     design_studies,
     prepare,
@@ -28,7 +29,7 @@ from training.data import (
     synthetic_records,
 )
 from training.tasks import TaskRegistry
-from training.train import read_predictions, subsample_images, train
+from training.train import read_predictions, subsample_images, task_draw_weights, train
 
 ROOT = Path(__file__).resolve().parents[1]
 REG = TaskRegistry.load()
@@ -91,6 +92,36 @@ def test_sampling_is_uniform_over_valid_tasks() -> None:
     counts = np.bincount(tasks, minlength=4)
     assert counts[1] == 0
     assert np.all(np.abs(counts[[0, 2, 3]] / 6000 - 1 / 3) < 0.03)
+
+
+def test_task_weights_draw_tasks_in_proportion_among_the_valid_ones() -> None:
+    labels = np.tile(np.array([[1, -1, 0, 1]], dtype=np.float32), (8000, 1))
+    weights = np.array([1.0, 5.0, 3.0, 1.0])  # task 1 has no label here: its weight does not count
+    _, tasks, target = choose_tasks(labels, np.random.default_rng(1).random(8000), weights)
+    counts = np.bincount(tasks, minlength=4) / 8000
+    assert counts[1] == 0
+    np.testing.assert_allclose(counts[[0, 2, 3]], [0.2, 0.6, 0.2], atol=0.02)
+    np.testing.assert_array_equal(target, labels[0, tasks])
+    # equal weights are the uniform draw, draw for draw
+    u = np.random.default_rng(2).random(8000)
+    np.testing.assert_array_equal(choose_tasks(labels, u, np.ones(4))[1], choose_tasks(labels, u)[1])
+
+
+def test_task_weights_must_name_trained_tasks() -> None:
+    synthetic = ["data.kind=synthetic"]
+    cfg = load_config(None, [*synthetic, "data.tasks=[cardiomegaly, emphysema]", "data.task_weights={emphysema: 2}"])
+    assert cfg.data.task_weights == {"emphysema": 2.0}
+    weights = task_draw_weights(cfg, ["cardiomegaly", "emphysema"])
+    assert weights is not None and weights.tolist() == [1.0, 2.0]
+    assert task_draw_weights(load_config(None, synthetic), ["cardiomegaly"]) is None
+    with pytest.raises(ConfigError, match="data.task_weights: hiatal_hernia not in data.tasks"):
+        load_config(None, [*synthetic, "data.tasks=[cardiomegaly]", "data.task_weights={hiatal_hernia: 2}"])
+    # tasks found in the data (data.tasks empty): checked when the run knows them
+    loose = load_config(None, [*synthetic, "data.task_weights={hiatal_hernia: 2}"])
+    with pytest.raises(ConfigError, match="data.task_weights: hiatal_hernia not among the trained tasks"):
+        task_draw_weights(loose, ["cardiomegaly"])
+    with pytest.raises(ConfigError, match="data.task_weights"):
+        load_config(None, [*synthetic, "data.task_weights={emphysema: 0}"])
 
 
 def test_collate_pads_and_masks(tmp_path: Path) -> None:

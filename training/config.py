@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -47,6 +47,9 @@ class FractionTarget(_Section):
     #: of < -940 HU from the edge, ``training.pretext.outside_air``). Gas or low-attenuation lung then
     #: varies with what is in the body, not with the body's outline (off: the outline dominates).
     interior: bool = False
+    #: Weight of this target's columns in the CLS regression, against 1 for each block-mean column: a
+    #: few sparse targets next to 48 block means are otherwise the first thing the CLS drops (§8).
+    weight: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _thresholds(self) -> FractionTarget:
@@ -236,6 +239,10 @@ class DataConfig(_Section):
     #: (0 = all images, the paper). Validation, evaluation and serving always use every image; the
     #: masked mean pools any number of images, so this only makes a step cheaper (docs/training.md §8).
     train_images: int = Field(default=0, ge=0)
+    #: Training only: how often each task is drawn for a scan, relative to 1 for a task not named
+    #: (default: uniform among a scan's labelled tasks, the paper). Spends more of the steps on tasks
+    #: that are slower to learn; validation and serving are not affected.
+    task_weights: dict[str, Annotated[float, Field(gt=0)]] = {}
 
 
 class RunConfig(_Section):
@@ -302,6 +309,9 @@ class RunConfig(_Section):
             raise ConfigError(f"data.labels: one file for data.kind={d.kind}, got {len(d.labels)}")
         if d.split.kind == "official" and d.kind != "ctrate":
             raise ConfigError("data.split.kind: official is CT-RATE's own split (data.kind: ctrate)")
+        stray = sorted(set(d.task_weights) - set(d.tasks)) if d.tasks else []
+        if stray:
+            raise ConfigError(f"data.task_weights: {', '.join(stray)} not in data.tasks ({', '.join(d.tasks)})")
         return self
 
     # -- (de)serialisation --------------------------------------------------------------------------

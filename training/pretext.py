@@ -152,6 +152,17 @@ def patch_targets(
     return F.avg_pool2d(torch.cat(maps, 1), patch).flatten(2).transpose(1, 2)
 
 
+def target_weights(cfg: PretextConfig, n_columns: int) -> torch.Tensor | None:
+    """Per column of :func:`pretext_targets`, its weight in the CLS loss (1 per block mean, each
+    fraction's ``weight`` for its ``grid²`` columns), normalised to mean 1; None when every weight is
+    1 (the plain mean squared error, whose bytes earlier warm starts were built with)."""
+    if all(f.weight == 1.0 for f in cfg.fractions):
+        return None
+    fractions = [torch.full((f.grid**2,), f.weight) for f in cfg.fractions]
+    w = torch.cat([torch.ones(n_columns - sum(len(x) for x in fractions)), *fractions])
+    return w / w.mean()
+
+
 def _standardise(y: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
     return (y - y.mean(dims)) / (y.std(dims) + 1e-3)
 
@@ -202,7 +213,8 @@ def pretrain_backbone(
             patch_readout = nn.Linear(vit.config.hidden_size, p_all.shape[2])
             nn.init.normal_(patch_readout.weight, std=0.02)
             nn.init.zeros_(patch_readout.bias)
-        first, last = _fit(vit, readout, x_all, y_all, cfg, gen, progress, patch_readout, p_all)
+        first, last = _fit(vit, readout, x_all, y_all, cfg, gen, progress, patch_readout, p_all,
+                           target_weights(cfg, y_all.shape[1]))  # fmt: skip
     seconds = time.perf_counter() - t0
     logger.info("pretext warm start: %d steps on %d images, loss %.3f → %.3f (%.0f s)",
                 cfg.steps, x_all.shape[0], first, last, seconds)  # fmt: skip
@@ -221,6 +233,7 @@ def _fit(
     progress: Callable[[int, int, float], None] | None,
     patch_readout: nn.Linear | None = None,
     p_all: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """The regression loop; returns the first and last batch loss (the CLS term plus the weighted
     patch term, if any). Leaves ``vit`` frozen in eval mode."""
@@ -240,7 +253,10 @@ def _fit(
         for step in range(cfg.steps):
             idx = torch.randint(0, x_all.shape[0], (min(cfg.batch_size, x_all.shape[0]),), generator=gen)
             hidden = vit(pixel_values=x_all[idx].float()).last_hidden_state
-            loss = F.mse_loss(readout(hidden[:, 0]), y_all[idx])
+            if weights is None:
+                loss = F.mse_loss(readout(hidden[:, 0]), y_all[idx])
+            else:
+                loss = ((readout(hidden[:, 0]) - y_all[idx]).square() * weights).mean()
             if patch_readout is not None and p_all is not None:
                 loss = loss + cfg.patch_weight * F.mse_loss(patch_readout(hidden[:, prefix:]), p_all[idx])
             opt.zero_grad(set_to_none=True)

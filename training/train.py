@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from operators.preprocessing import PreprocessingConfig
 from training.backbone import FrozenBackbone, build_backbone
 from training.cache import InputCache
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 from training.data import (
     SPLITS,
     BadData,
@@ -609,6 +609,8 @@ class Stepper:
     precision: str
     dp: DataParallel
     workers: int
+    #: ``data.task_weights`` per task column (None: uniform, the paper)
+    draw_weights: np.ndarray | None = None
     loss_fn: nn.Module = field(default_factory=nn.BCEWithLogitsLoss)
 
     def epoch(
@@ -628,7 +630,9 @@ class Stepper:
             stats.load_s += batch.load_seconds
             stats.batches += 1
             stats.bad += batch.dropped_bad
-            keep, cols, target = choose_tasks(batch.labels.numpy(), _draws_for(batch, members, task_rng))
+            keep, cols, target = choose_tasks(
+                batch.labels.numpy(), _draws_for(batch, members, task_rng), self.draw_weights
+            )
             stats.dropped += len(batch) - keep.size
             n_global = int(self.dp.all_sum([keep.size])[0]) if self.dp.distributed else keep.size
             if n_global:
@@ -687,6 +691,18 @@ class Stepper:
         if self.cfg.optimizer.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, self.cfg.optimizer.grad_clip)
         self.opt.step()
+
+
+def task_draw_weights(cfg: RunConfig, tasks: Sequence[str]) -> np.ndarray | None:
+    """``data.task_weights`` as one weight per task column (1 for a task not named), or None when
+    none is set. A named task that is not trained is a config error, not a silent no-op."""
+    weights = cfg.data.task_weights
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ConfigError(f"data.task_weights: {', '.join(unknown)} not among the trained tasks ({', '.join(tasks)})")
+    return np.array([float(weights.get(t, 1.0)) for t in tasks])
 
 
 def _draws_for(batch: Batch, members: Sequence[int], rng: np.random.Generator) -> np.ndarray:
@@ -855,6 +871,7 @@ def _train(
     data = prepare_data(cfg, out, registry=registry, records=records, tasks=tasks, cache=cache,
                         progress=cfg.progress, dp=dp)  # fmt: skip
     task_list = data.tasks
+    draw_weights = task_draw_weights(cfg, task_list)
     if dp.is_main:
         _write_rows(
             out / SPLITS_CSV,
@@ -890,7 +907,7 @@ def _train(
     batches = EpochBatches(len(train_ds), cfg.batch_size, cfg.seed, rank=dp.rank, world=dp.world)
     loader = train_loader(train_ds, batches, workers, cfg, device)
     stepper = Stepper(net, model.trainable_parameters(), opt, np.array([model.task_index(t) for t in task_list]),
-                       cfg, precision, dp, workers)  # fmt: skip
+                       cfg, precision, dp, workers, draw_weights)  # fmt: skip
     writer = _tensorboard(out) if dp.is_main else None
     base_extra = {
         "tasks": task_list,

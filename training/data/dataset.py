@@ -217,9 +217,12 @@ def sample_tasks(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     return choose_tasks(labels, np.asarray(rng.random(labels.shape[0])))
 
 
-def choose_tasks(labels: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The task of each scan from its uniform draw ``u [B]`` in [0, 1): task ``floor(u · n_valid)``
-    among its valid ones.
+def choose_tasks(
+    labels: np.ndarray, u: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The task of each scan from its uniform draw ``u [B]`` in [0, 1): among its valid tasks, uniformly
+    (task ``floor(u · n_valid)``) or, given ``weights [K]`` (``data.task_weights``), in proportion to
+    them (the first valid task whose cumulative share exceeds ``u``).
 
     Returns ``(keep [B'] row indices, task [B'] column indices, target [B'] 0/1)``; scans with no
     valid task are dropped (not in ``keep``). Training passes draws made per position of the global
@@ -232,7 +235,11 @@ def choose_tasks(labels: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndar
     tasks = np.empty(keep.size, dtype=np.int64)
     for j, b in enumerate(keep):
         choices = np.flatnonzero(valid[b])
-        tasks[j] = choices[min(int(u[b] * choices.size), choices.size - 1)]
+        if weights is None:
+            tasks[j] = choices[min(int(u[b] * choices.size), choices.size - 1)]
+        else:
+            share = np.cumsum(weights[choices]) / weights[choices].sum()
+            tasks[j] = choices[min(int(np.searchsorted(share, u[b], side="right")), choices.size - 1)]
     return keep, tasks, labels[keep, tasks].astype(np.float32)
 
 
