@@ -106,3 +106,23 @@ def test_another_recipe_has_its_own_key_and_the_default_is_demo() -> None:
     assert DEMO_RECIPE == "demo" and demo_key(0, ()) == demo_key(0, (), "demo")
     assert demo_key(0, (), "demo-six") != demo_key(0, ())
     assert _recipe_name("demo-six") == "training/recipes/demo-six.yaml"
+
+
+def test_the_control_trains_the_same_scans_on_permuted_labels() -> None:
+    """``control=True`` (``hyperct model demo --control``): its own key, the recipe's scans, every
+    label row moved to another scan (rows kept whole: prevalences and co-occurrences unchanged)."""
+    from training.config import load_config
+    from training.data import build_records
+    from training.demo_model import _permuted_data
+    from training.tasks import TaskRegistry
+    from training.train import preprocessing_config
+
+    assert demo_key(0, (), control=True) != demo_key(0, ())
+    cfg = load_config("demo", ["data.synthetic.n_studies=16"])
+    control = _permuted_data(cfg)
+    real = build_records(cfg.data, TaskRegistry.load(), control["tasks"], preprocessing=preprocessing_config(cfg))
+    assert [r.key for r in control["records"]] == [r.key for r in real]
+    rows = sorted(map(tuple, (r.labels.tolist() for r in real)))
+    assert sorted(map(tuple, (r.labels.tolist() for r in control["records"]))) == rows
+    moved = sum(not np.array_equal(a.labels, b.labels) for a, b in zip(real, control["records"], strict=True))
+    assert moved >= len(real) // 2, moved

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.learning_fixtures import learning_setup, run_recipe
-from training.data import ScanRecord
+from training.data import ScanRecord, permuted_labels
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a training + (maybe) the shared warm start
 
@@ -44,13 +44,7 @@ def chance_band(held: list[ScanRecord], z: float = 3.0) -> tuple[float, float]:
 
 
 def test_label_permuted_control_stays_at_chance(setup: dict[str, Any]) -> None:
-    records: list[ScanRecord] = setup["records"]
-    perm = np.random.default_rng(123).permutation(len(records))
-    shuffled = [
-        ScanRecord(r.key, r.patient_id, records[int(j)].labels.copy(), r.source, r.origin)
-        for r, j in zip(records, perm, strict=True)
-    ]
-    mean, per, seconds = run_recipe(setup, "permuted", shuffled)
+    mean, per, seconds = run_recipe(setup, "permuted", permuted_labels(setup["records"], seed=123))
     lo, hi = chance_band(setup["held"])
     print(f"\npermuted-label control: held-out AUROC {per} mean {mean:.3f}, chance band [{lo:.3f}, {hi:.3f}] "
           f"({seconds:.0f} s)")  # fmt: skip

@@ -21,9 +21,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from operators.manifest import MANIFEST_NAME, SCHEMA_VERSION, load_manifest
+
+if TYPE_CHECKING:
+    from training.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ HELD_OUT_SEED, HELD_OUT_STUDIES = 1, 60
 #: The recipe ``make demo-model`` ships (``training/recipes/demo.yaml``); ``recipe=`` builds another one
 #: the same way (candidates, docs/training.md §8).
 DEMO_RECIPE = "demo"
+#: ``control=True``: the permutation of the training labels (``training.data.permuted_labels``).
+CONTROL_SEED = 123
 
 _ROOT = Path(__file__).resolve().parent.parent
 #: What the cached demo model depends on (globs under the project root): change any and it is rebuilt.
@@ -59,9 +64,13 @@ class DemoModel:
     validation_auroc: dict[str, float | None]
 
 
-def demo_key(seed: int = 0, overrides: Sequence[str] = (), recipe: str = DEMO_RECIPE) -> str:
+def demo_key(
+    seed: int = 0, overrides: Sequence[str] = (), recipe: str = DEMO_RECIPE, control: bool = False
+) -> str:
     """A digest of everything the demo model is a function of (recipe, overrides, seed, data, code)."""
     h = hashlib.sha256(f"seed={seed};overrides={list(overrides)};schema={SCHEMA_VERSION}".encode())
+    if control:
+        h.update(f"control=permuted-labels-{CONTROL_SEED}".encode())
     if recipe != DEMO_RECIPE:  # another recipe (e.g. a candidate, ``--recipe demo-six``): its own key
         from training.config import recipe_path
 
@@ -75,7 +84,7 @@ def demo_key(seed: int = 0, overrides: Sequence[str] = (), recipe: str = DEMO_RE
 
 
 def cached_demo_model(
-    out: Path, seed: int = 0, overrides: Sequence[str] = (), recipe: str = DEMO_RECIPE
+    out: Path, seed: int = 0, overrides: Sequence[str] = (), recipe: str = DEMO_RECIPE, control: bool = False
 ) -> Path | None:
     """``out`` when it holds a valid demo model built from the same inputs, else None."""
     manifest_path = out / MANIFEST_NAME
@@ -83,7 +92,7 @@ def cached_demo_model(
         return None
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if data.get("training_data", {}).get("demo_key") != demo_key(seed, overrides, recipe):
+        if data.get("training_data", {}).get("demo_key") != demo_key(seed, overrides, recipe, control):
             return None
         load_manifest(out, verify_files=True)
     except Exception as exc:  # a broken or foreign folder is rebuilt, not served
@@ -101,6 +110,7 @@ def build_demo_model(
     overrides: Sequence[str] = (),
     held_out_studies: int = HELD_OUT_STUDIES,
     recipe: str = DEMO_RECIPE,
+    control: bool = False,
 ) -> DemoModel:
     """Train, evaluate and export the demo model into ``out`` unless an up-to-date one is there.
 
@@ -109,7 +119,8 @@ def build_demo_model(
     replaces ``out`` atomically, so an interrupted build never leaves a half-written model.
     ``overrides`` (recipe settings, e.g. ``epochs=1`` in tests) are part of the cache key. ``recipe``
     (a name under ``training/recipes`` or a YAML path) builds another recipe the same way; the default
-    is the shipped ``demo``.
+    is the shipped ``demo``. ``control``: the same build on permuted training labels (the manifest
+    says so); its held-out AUROC must be at chance, the check that the real build's is not a leak.
     """
     from training.config import load_config
     from training.evaluate import evaluate_checkpoint
@@ -118,16 +129,16 @@ def build_demo_model(
 
     out = Path(out)
     t0 = time.perf_counter()
-    if not force and (hit := cached_demo_model(out, seed, overrides, recipe)) is not None:
+    if not force and (hit := cached_demo_model(out, seed, overrides, recipe, control)) is not None:
         return DemoModel(hit, True, time.perf_counter() - t0, _validation_auroc(hit))
 
-    key = demo_key(seed, overrides, recipe)
+    key = demo_key(seed, overrides, recipe, control)
     cfg = load_config(recipe, [f"seed={seed}", f"progress={str(progress).lower()}", *overrides])
     work = out.parent / f".{out.name}.build"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        result = train(cfg, work / "run")
+        result = train(cfg, work / "run", **(_permuted_data(cfg) if control else {}))
         ev = evaluate_checkpoint(
             result.best_checkpoint, cfg, work / "validation", split="val", n_bootstrap=200, roc_plots=False,
             title="HyperCT demo model: validation split (synthetic)",
@@ -143,6 +154,8 @@ def build_demo_model(
             "best_epoch": result.best_epoch,
             "seed": seed,
             "demo_key": key,
+            **({"control": f"training labels permuted across scans (seed {CONTROL_SEED}): "
+                           "held-out AUROC must be at chance"} if control else {}),
         }
         export_model(
             result.best_checkpoint, out, thresholds=ev.thresholds, synthetic=True, name=DEMO_MODEL_NAME,
@@ -155,6 +168,18 @@ def build_demo_model(
     seconds = time.perf_counter() - t0
     logger.info("demo model built in %.0f s into %s", seconds, out)
     return DemoModel(out, False, seconds, _validation_auroc(out))
+
+
+def _permuted_data(cfg: RunConfig) -> dict[str, Any]:
+    """``train``'s ``records``/``tasks`` for the control: the recipe's scans with permuted labels."""
+    from training.data import build_records, permuted_labels, resolve_tasks
+    from training.tasks import TaskRegistry
+    from training.train import preprocessing_config
+
+    registry = TaskRegistry.load()
+    tasks = resolve_tasks(cfg.data, registry)
+    records = build_records(cfg.data, registry, tasks, preprocessing=preprocessing_config(cfg))
+    return {"records": permuted_labels(records, CONTROL_SEED), "tasks": tasks}
 
 
 #: Patients of the saliency calibration set and of the pointing-game set: disjoint from training

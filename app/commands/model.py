@@ -265,7 +265,8 @@ DEMO_HELP = (
 DEMO_EXAMPLES = """Examples:
   hyperct model demo          # ./models/hyperct, where run and serve look
   hyperct model demo --force  # rebuild it
-  hyperct model demo /opt/models/hyperct  # then: run IN OUT -m /opt/models"""
+  hyperct model demo /opt/models/hyperct  # then: run IN OUT -m /opt/models
+  hyperct model demo /tmp/control --control  # permuted-label control"""
 
 
 @model_app.command("demo", help=DEMO_HELP, epilog=DEMO_EXAMPLES)
@@ -280,13 +281,17 @@ def demo_command(
         str,
         typer.Option("--recipe", help="Recipe to build (default: demo, the shipped one; e.g. demo-six)."),
     ] = "demo",
+    control: Annotated[
+        bool,
+        typer.Option("--control", help="Train on permuted labels instead: held-out AUROC must be at chance."),
+    ] = False,
 ) -> None:
     """``hyperct model demo [OUT]`` (imports training lazily: it trains)."""
     from app.commands.output import output_console
     from training.demo_model import build_demo_model
 
     console = output_console()
-    model = build_demo_model(out, seed=seed, force=force, recipe=recipe)
+    model = build_demo_model(out, seed=seed, force=force, recipe=recipe, control=control)
     how = "reused (up to date)" if model.cached else f"built in {model.seconds:.0f} s"
     aurocs = ", ".join(f"{k} {'—' if v is None else f'{v:.3f}'}" for k, v in model.validation_auroc.items())
     console.print(f"demo model {how}: {model.path}  validation AUROC: {aurocs}", highlight=False)

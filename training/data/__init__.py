@@ -31,7 +31,7 @@ from training.data.dataset import (
     sample_tasks,
 )
 from training.data.labels import MISSING, BadData, DataError, LabelRow, read_label_csv
-from training.data.records import DicomSeriesSource, ScanRecord, VolumeSource
+from training.data.records import DicomSeriesSource, ScanRecord, VolumeSource, permuted_labels
 from training.data.splits import (
     SPLITS,
     assign_splits,
@@ -73,6 +73,7 @@ __all__ = [
     "collate",
     "design_studies",
     "epoch_seed",
+    "permuted_labels",
     "prepare",
     "read_label_csv",
     "read_split_file",

@@ -9,7 +9,8 @@ stores its hash.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -84,3 +85,11 @@ class ScanRecord:
     @property
     def n_valid(self) -> int:
         return int(np.sum(self.labels != -1))
+
+
+def permuted_labels(records: Sequence[ScanRecord], seed: int) -> list[ScanRecord]:
+    """The label-permutation control: the same scans, each given the labels of another scan (one
+    seeded permutation of whole label rows, so prevalences and co-occurrences are kept). A recipe
+    trained on these must score at chance on held-out studies; anything better is a leak."""
+    perm = np.random.default_rng(seed).permutation(len(records))
+    return [replace(r, labels=records[int(j)].labels.copy()) for r, j in zip(records, perm, strict=True)]
