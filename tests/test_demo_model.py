@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.slow
 
 QUICK = ("epochs=1", "data.synthetic.n_studies=16", "eval_batch_size=8", "model.pretext.steps=20")
 HELD_OUT = 8
+EVIDENCE = 4  # attention calibration and pointing-game studies (12 each in the shipped build)
+SMALL: dict[str, Any] = {"overrides": QUICK, "progress": False, "held_out_studies": HELD_OUT,
+                         "evidence_studies": EVIDENCE}  # fmt: skip
 #: The manifest's ``created`` (reproducible-builds convention): both builds below use it.
 EPOCH = "1700000000"
 
@@ -32,7 +36,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "hyperct"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SOURCE_DATE_EPOCH", EPOCH)
-        model = build_demo_model(out, overrides=QUICK, progress=False, held_out_studies=HELD_OUT)
+        model = build_demo_model(out, **SMALL)
     assert not model.cached
     return out
 
@@ -41,7 +45,7 @@ def test_a_rebuild_gives_the_same_bytes(demo: Path, tmp_path: Path, monkeypatch:
     """What `make demo-model` promises for the shipped model: same recipe, code and machine kind give
     the same files, manifest included (fixed thread count in the recipe, seeded everything)."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
-    again = build_demo_model(tmp_path / "again", overrides=QUICK, progress=False, held_out_studies=HELD_OUT)
+    again = build_demo_model(tmp_path / "again", **SMALL)
     assert not again.cached
     files = sorted(p.name for p in demo.iterdir())
     assert files == sorted(p.name for p in again.path.iterdir())
@@ -79,7 +83,7 @@ def test_thresholds_and_saliency_come_from_validation_data(demo: Path) -> None:
 
 def test_second_build_reuses_the_cache_and_the_key_tracks_inputs(demo: Path) -> None:
     t0 = time.perf_counter()
-    again = build_demo_model(demo, overrides=QUICK, progress=False, held_out_studies=HELD_OUT)
+    again = build_demo_model(demo, **SMALL)
     assert again.cached and time.perf_counter() - t0 < 30
     assert demo_key(0, QUICK) != demo_key(1, QUICK) != demo_key(0, ())
 

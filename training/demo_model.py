@@ -36,6 +36,8 @@ DEMO_DESCRIPTION = "synthetic demo — not for clinical use"
 #: Held-out scoring of the exported demo model: other patients (patients 100000+, disjoint from the
 #: recipe's seed 0) with varied geometry (spacing, offsets, head/feet first), findings drawn independently.
 HELD_OUT_SEED, HELD_OUT_STUDIES = 1, 60
+#: Studies in the attention calibration set and, again, in the pointing-game set (every finding planted).
+EVIDENCE_STUDIES = 12
 #: The recipe ``make demo-model`` ships (``training/recipes/demo.yaml``); ``recipe=`` builds another one
 #: the same way (candidates, docs/training.md §8).
 DEMO_RECIPE = "demo"
@@ -109,6 +111,7 @@ def build_demo_model(
     progress: bool = True,
     overrides: Sequence[str] = (),
     held_out_studies: int = HELD_OUT_STUDIES,
+    evidence_studies: int = EVIDENCE_STUDIES,
     recipe: str = DEMO_RECIPE,
     control: bool = False,
 ) -> DemoModel:
@@ -117,7 +120,9 @@ def build_demo_model(
     Thresholds are picked (Youden) on the recipe's validation split and recorded with the validation
     AUROC in the manifest. The work folder sits beside ``out`` and is removed afterwards; the export
     replaces ``out`` atomically, so an interrupted build never leaves a half-written model.
-    ``overrides`` (recipe settings, e.g. ``epochs=1`` in tests) are part of the cache key. ``recipe``
+    ``overrides`` (recipe settings, e.g. ``epochs=1`` in tests) are part of the cache key;
+    ``held_out_studies`` / ``evidence_studies`` (the attention calibration and pointing-game sets)
+    are fewer in tests. ``recipe``
     (a name under ``training/recipes`` or a YAML path) builds another recipe the same way; the default
     is the shipped ``demo``. ``control``: the same build on permuted training labels (the manifest
     says so); its held-out AUROC must be at chance, the check that the real build's is not a leak.
@@ -161,7 +166,7 @@ def build_demo_model(
             result.best_checkpoint, out, thresholds=ev.thresholds, synthetic=True, name=DEMO_MODEL_NAME,
             training_data=training_data, overwrite=True,
         )  # fmt: skip
-        _attention_evidence(out, cfg.data.synthetic.findings)
+        _attention_evidence(out, cfg.data.synthetic.findings, evidence_studies)
         _record_held_out(out, cfg.data.synthetic.findings, held_out_studies)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -185,12 +190,12 @@ def _permuted_data(cfg: RunConfig) -> dict[str, Any]:
 #: Patients of the saliency calibration set and of the pointing-game set: disjoint from training
 #: (``design_studies`` seed 0) and from each other.
 SALIENCY_SEED, POINTING_SEED = 2, 3
-SALIENCY_STUDIES = POINTING_STUDIES = 12
 
 
-def _attention_evidence(model_dir: Path, findings: Sequence[str]) -> None:
+def _attention_evidence(model_dir: Path, findings: Sequence[str], studies: int) -> None:
     """Pick each task's SEG saliency threshold on a calibration set and score the pointing game on
-    other held-out studies (other patients, varied geometry); both go into the manifest."""
+    other held-out studies (other patients, varied geometry), ``studies`` each (every finding planted
+    in each); both go into the manifest."""
     from operators.model_runner import HyperCTRunner
     from operators.preprocessing import PreprocessingConfig
     from training.data.synthetic import design_studies
@@ -199,9 +204,9 @@ def _attention_evidence(model_dir: Path, findings: Sequence[str]) -> None:
     manifest = load_manifest(model_dir, verify_files=False)
     pre = PreprocessingConfig.from_dict(manifest.preprocessing)
     tasks = [t.key for t in manifest.tasks]
-    calib = design_studies(SALIENCY_STUDIES, findings, prevalence=1.0, seed=SALIENCY_SEED, twins=False,
+    calib = design_studies(studies, findings, prevalence=1.0, seed=SALIENCY_SEED, twins=False,
                            geometry="model", preprocessing=pre)  # fmt: skip
-    held = design_studies(POINTING_STUDIES, findings, prevalence=1.0, seed=POINTING_SEED, twins=False,
+    held = design_studies(studies, findings, prevalence=1.0, seed=POINTING_SEED, twins=False,
                           geometry="varied", preprocessing=pre)  # fmt: skip
     with HyperCTRunner(model_dir) as runner:
         calibration = calibrate_saliency(runner, masked_cases(calib, tasks, pre))
@@ -209,9 +214,9 @@ def _attention_evidence(model_dir: Path, findings: Sequence[str]) -> None:
     evidence = {
         "method": "relative threshold maximising mean Dice of attention >= t x max vs the planted finding "
         "(model pixel space) on synthetic calibration studies; pointing game on other held-out studies",
-        "calibration_studies": {"count": SALIENCY_STUDIES, "seed": SALIENCY_SEED, "geometry": "model"},
+        "calibration_studies": {"count": studies, "seed": SALIENCY_SEED, "geometry": "model"},
         "pointing_game": {
-            "studies": POINTING_STUDIES,
+            "studies": studies,
             "seed": POINTING_SEED,
             "geometry": "varied",
             "tasks": pointing,
