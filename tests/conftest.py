@@ -92,8 +92,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: The longest test modules, started first so that none of them ends a parallel run alone: `make test`
 #: runs pytest-xdist with --dist loadscope --no-loadscope-reorder, which hands whole modules to the
 #: workers in collection order. The learning test's two trainings are two modules, so they run at once.
-#: Measured in a fresh-clone `make test` (2026-12-05): Ray 795 s, the two trainings 653 and 611 s, the
-#: demo-model rebuild 155 s of 3184 s in all.
+#: Measured in a fresh-clone `make test` (2026-12-05, after Ray's workers stopped running at niceness
+#: 15): the two trainings 784 and 773 s, Ray 316 s, node e2e 185 s, the demo-model rebuild 122 s.
 RUN_FIRST = (
     "test_batch_ray",
     "test_training_learning",
