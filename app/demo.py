@@ -40,8 +40,8 @@ from app import RESEARCH_USE_STATEMENT
 logger = logging.getLogger(__name__)
 console = Console(highlight=False, soft_wrap=True)
 
-#: Planted in the demo study: two findings the demo model covers (its other two are left out, so the
-#: table sets present against absent) and three it does not cover, reported as not covered, not absent.
+#: Planted in the demo study: three findings the demo model covers (its other three are left out, so
+#: the table sets present against absent) and two it does not cover, reported as not covered, not absent.
 DEMO_FINDINGS = "cardiomegaly,pericardial_effusion,emphysema,arterial_wall_calcification,consolidation"
 #: The shipped demo model (git-tracked, a few MB): `make demo` needs no training. `make demo-model`
 #: rebuilds it bit for bit (docs/training.md §8).

@@ -108,8 +108,8 @@ def test_another_recipe_has_its_own_key_and_the_default_is_demo() -> None:
     from training.demo_model import DEMO_RECIPE, _recipe_name
 
     assert DEMO_RECIPE == "demo" and demo_key(0, ()) == demo_key(0, (), "demo")
-    assert demo_key(0, (), "demo-six") != demo_key(0, ())
-    assert _recipe_name("demo-six") == "training/recipes/demo-six.yaml"
+    assert demo_key(0, (), "demo-small") != demo_key(0, ())
+    assert _recipe_name("demo-small") == "training/recipes/demo-small.yaml"
 
 
 def test_the_control_trains_the_same_scans_on_permuted_labels() -> None:

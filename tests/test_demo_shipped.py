@@ -4,10 +4,10 @@ must be what the manifest says, and must still know what it claims with today's 
 * every file matches its manifest hash, the manifest says *synthetic, not clinical*;
 * the manifest lists every task it does not predict as not covered;
 * scored again now through the serving path (manifest preprocessing, ONNX Runtime) on the held-out
-  synthetic studies recorded at build time, each covered task reproduces its recorded AUROC, three
-  reach 0.9 and none is below 0.7 (what README and docs/training.md §8 claim): a change in synth,
-  preprocessing or the runner that the model was not rebuilt for fails here. (Issue #19 asks for six
-  findings at 0.9; §8 says why the tiny backbone stops at these.)
+  synthetic studies recorded at build time, each covered task reproduces its recorded AUROC and all
+  six reach 0.9 (issue #19; what README and docs/training.md §8 claim): a change in synth,
+  preprocessing or the runner that the model was not rebuilt for fails here. That the same recipe on
+  permuted labels stays at chance is the manifest of `hyperct model demo --control`, recorded in §8.
 
 That a rebuild gives the same bytes is tests/test_demo_model.py (a small budget, built twice).
 """
@@ -26,7 +26,7 @@ from training.tasks import TaskRegistry
 pytestmark = pytest.mark.slow
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "demo"
-BAR, STRONG, FLOOR = 0.9, 3, 0.7
+BAR, STRONG = 0.9, 6
 
 
 @pytest.fixture(scope="module")
@@ -69,4 +69,3 @@ def test_held_out_auroc_reproduces_and_meets_the_bar(manifest: dict) -> None:
         assert now[key]["auroc"] == pytest.approx(row["auroc"], abs=0.02), key
     good = [k for k, row in now.items() if row["auroc"] is not None and row["auroc"] >= BAR]
     assert len(good) >= STRONG, f"only {good} reach AUROC {BAR}: {now}"
-    assert all(row["auroc"] is not None and row["auroc"] >= FLOOR for row in now.values()), now

@@ -279,7 +279,7 @@ def demo_command(
     ] = False,
     recipe: Annotated[
         str,
-        typer.Option("--recipe", help="Recipe to build (default: demo, the shipped one; e.g. demo-six)."),
+        typer.Option("--recipe", help="Recipe to build (default: demo, the shipped one; e.g. demo-small)."),
     ] = "demo",
     control: Annotated[
         bool,
