@@ -58,7 +58,7 @@ demo: setup peers  ## Run the end-to-end demo on the embedded default
 # SOURCE_DATE_EPOCH pins the manifest's `created` (reproducible-builds.org convention): the date the
 # shipped model was released (2026-12-05); move it when the recipe changes.
 DEMO_MODEL_EPOCH ?= 1796428800
-demo-model: setup  ## Rebuild the shipped demo model in models/demo (about 15-20 min on 2 cores)
+demo-model: setup  ## Rebuild the shipped demo model in models/demo (about 1 h: one core, by design)
 	SOURCE_DATE_EPOCH=$(DEMO_MODEL_EPOCH) $(BIN)/python -m app.cli model demo models/demo --force
 
 # `make test` runs in parallel (pytest-xdist): whole modules to each worker (their module fixtures are
