@@ -43,7 +43,7 @@ console = Console(highlight=False, soft_wrap=True)
 #: Planted in the demo study: three findings the demo model covers (its other three are left out, so
 #: the table sets present against absent) and two it does not cover, reported as not covered, not absent.
 DEMO_FINDINGS = "cardiomegaly,pericardial_effusion,emphysema,arterial_wall_calcification,consolidation"
-#: The shipped demo model (git-tracked, a few MB): `make demo` needs no training. `make demo-model`
+#: The shipped demo model (git-tracked, 14 MB): `make demo` needs no training. `make demo-model`
 #: rebuilds it bit for bit (docs/training.md §8).
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "demo"
 NODE_AE, PACS_AE, SENDER_AE = "HYPERCT", "DEMOPACS", "DEMOSCU"
